@@ -1,0 +1,24 @@
+"""hf_adv: adversarial training (FGM, FGSM, PGD, AWP, VAT) for Hugging Face `transformers.Trainer`."""
+
+from .arguments import AdversarialTrainingArguments
+from .embedding import EmbeddingTap, find_input_embedding
+from .methods import AWP, FGM, FGSM, PGD, VAT, AdversarialMethod, AttackResult, list_methods, register_method
+from .trainer import AdversarialTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AWP",
+    "FGM",
+    "FGSM",
+    "PGD",
+    "VAT",
+    "AdversarialMethod",
+    "AdversarialTrainer",
+    "AdversarialTrainingArguments",
+    "AttackResult",
+    "EmbeddingTap",
+    "find_input_embedding",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,105 @@
+"""`AdversarialTrainingArguments`: `TrainingArguments` plus flat, documented fields for the adversarial methods.
+
+Every field is a `--flag` of `HfArgumentParser`, so recipes and the CLI configure the same knobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .methods import list_methods
+
+
+@dataclass
+class AdversarialTrainingArguments(TrainingArguments):
+    # -- which attack ---------------------------------------------------------------------------------------------
+    adv_method: str = field(
+        default="none",
+        metadata={"help": "Adversarial method applied every training step: none, fgm, fgsm, pgd or awp."},
+    )
+    adv_epsilon: float = field(
+        default=1.0,
+        metadata={"help": "FGM: L2 size of the embedding perturbation. FGSM: its L-inf size. PGD: radius of the L2 ball."},
+    )
+    adv_alpha: float = field(default=0.3, metadata={"help": "PGD: size of each ascent step."})
+    adv_steps: int = field(default=3, metadata={"help": "PGD: number of ascent steps K (K - 1 extra forward passes)."})
+    adv_embedding_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the embedding weight to perturb (as in model.named_parameters()); default: the weight "
+            "of model.get_input_embeddings()."
+        },
+    )
+    # -- when it starts -------------------------------------------------------------------------------------------
+    adv_start_epoch: float | None = field(
+        default=None,
+        metadata={
+            "help": "Train clean until this epoch (fractions allowed), then attack; applies to VAT too. Default: 0, "
+            "except 1.0 for awp (AWP from the first step, on a fresh classifier head, can destroy fine-tuning)."
+        },
+    )
+    adv_start_step: int = field(
+        default=0, metadata={"help": "Train clean until this optimizer step, then attack (both starts must be reached)."}
+    )
+    # -- AWP ------------------------------------------------------------------------------------------------------
+    awp_lr: float = field(default=1.0, metadata={"help": "AWP: step relative to each weight's norm (adv_lr)."})
+    awp_eps: float = field(
+        default=1e-3, metadata={"help": "AWP: relative bound, |w - w0| <= awp_eps * |w0| element-wise."}
+    )
+    awp_param_pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": "AWP: regular expression over parameter names to perturb; default: every weight matrix "
+            "(2-D or more) that receives a gradient."
+        },
+    )
+    awp_discard_clean_grad: bool = field(
+        default=False,
+        metadata={"help": "AWP: drop the clean gradient before the adversarial backward, as the classic snippet does."},
+    )
+    # -- VAT ------------------------------------------------------------------------------------------------------
+    vat_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the VAT loss added to every step; 0 disables VAT."}
+    )
+    vat_epsilon: float = field(default=1.0, metadata={"help": "VAT: L2 size of the perturbation per example."})
+    vat_xi: float = field(default=10.0, metadata={"help": "VAT: size of the probe direction in power iteration."})
+    vat_iterations: int = field(default=1, metadata={"help": "VAT: number of power iterations."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        methods = list_methods()
+        if self.adv_method not in methods:
+            raise ValueError(f"adv_method={self.adv_method!r} is not one of {methods}.")
+        positive = {
+            "adv_epsilon": self.adv_epsilon,
+            "adv_alpha": self.adv_alpha,
+            "awp_lr": self.awp_lr,
+            "awp_eps": self.awp_eps,
+            "vat_epsilon": self.vat_epsilon,
+            "vat_xi": self.vat_xi,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}.")
+        for name in ("adv_steps", "vat_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.vat_weight >= 0:
+            raise ValueError(f"vat_weight must be >= 0 (0 disables VAT), got {self.vat_weight}.")
+        if self.adv_start_epoch is not None and self.adv_start_epoch < 0:
+            raise ValueError(f"adv_start_epoch must be >= 0, got {self.adv_start_epoch}.")
+        if self.adv_start_step < 0:
+            raise ValueError(f"adv_start_step must be >= 0, got {self.adv_start_step}.")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether any adversarial term is configured."""
+        return self.adv_method != "none" or self.vat_weight > 0
+
+    @property
+    def resolved_start_epoch(self) -> float:
+        if self.adv_start_epoch is not None:
+            return self.adv_start_epoch
+        return 1.0 if self.adv_method == "awp" else 0.0

@@ -1,0 +1,130 @@
+"""AWP: adversarial weight perturbation (Wu et al., "Adversarial Weight Perturbation Helps Robust Generalization",
+NeurIPS 2020), in the relative form used by competition solutions for transformers."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .base import AdversarialMethod, AttackResult, is_usable_norm, register_method
+
+
+@register_method
+class AWP(AdversarialMethod):
+    """One relative step per weight tensor, w += lr * g / ||g|| * ||w||, clamped to w0 +- eps * |w0|.
+
+    g is this micro-batch's gradient of each weight. The only memory kept is one copy of the weights perturbed
+    (the classic class keeps two more for the bounds, which are recomputed here from that copy). Unlike the classic
+    snippet the clean gradient is kept and the adversarial gradient adds to it; `discard_clean_grad=True`
+    reproduces the snippet, which zeroes the gradients before the adversarial backward.
+
+    Inside `capture()` the gradients accumulated by earlier micro-batches are set aside (a pointer swap, no copy)
+    so that g is this micro-batch's alone, and put back before the adversarial backward, so that a distributed
+    all-reduce in that backward sees the whole accumulated gradient.
+
+    fp16: g / ||g|| is invariant to the GradScaler's loss scale; a tensor whose gradient norm is 0, NaN or Inf is
+    left unperturbed, and the attack counts as skipped when every tensor was.
+
+    Args:
+        model (`nn.Module`): the model.
+        lr (`float`, *optional*, defaults to `1.0`): `adv_lr` of the competition class, the step relative to ||w||.
+        eps (`float`, *optional*, defaults to `1e-3`): relative bound, |w - w0| <= eps * |w0| element-wise.
+            Competition solutions use 1e-3 or below; 1e-2 from the first step can destroy fine-tuning.
+        param_pattern (`str`, *optional*): regular expression; only parameters whose name it matches
+            (`re.search`) are perturbed. By default every weight matrix (2-D or more) that receives a gradient.
+        discard_clean_grad (`bool`, *optional*, defaults to `False`): drop this micro-batch's clean gradient, as
+            the classic snippet does.
+    """
+
+    name = "awp"
+    uses_embedding = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1.0,
+        eps: float = 1e-3,
+        *,
+        param_pattern: str | None = None,
+        discard_clean_grad: bool = False,
+        attach: bool = True,
+        embedding_name: str | None = None,
+    ):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}.")
+        super().__init__(model, embedding_name=embedding_name, attach=attach)
+        self.lr, self.eps, self.discard_clean_grad = lr, eps, discard_clean_grad
+        try:
+            pattern = re.compile(param_pattern) if param_pattern is not None else None
+        except re.error as err:
+            raise ValueError(f"param_pattern={param_pattern!r} is not a valid regular expression: {err}.") from None
+        self.targets = [
+            (name, p)
+            for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() >= 2 and (pattern is None or pattern.search(name))
+        ]
+        if not self.targets:
+            raise ValueError(
+                f"param_pattern={param_pattern!r} matches no trainable weight matrix; some of the model's are "
+                f"{[n for n, p in model.named_parameters() if p.dim() >= 2][:8]}."
+            )
+        self._stash: dict[nn.Parameter, torch.Tensor] | None = None
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _restore_stash(self) -> None:
+        if self._stash is None:
+            return
+        for p, earlier in self._stash.items():
+            if p.grad is not None:
+                earlier.add_(p.grad)
+            p.grad = earlier
+        self._stash = None
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        self._stash = {}
+        for p in self._trainable():
+            if p.grad is not None:
+                self._stash[p] = p.grad
+                p.grad = None
+        try:
+            yield
+        finally:
+            self._restore_stash()
+
+    @contextlib.contextmanager
+    def perturbed(self, closure: Callable[[], torch.Tensor] | None = None) -> Iterator[AttackResult]:
+        backups: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            squared = None
+            with torch.no_grad():
+                for _, p in self.targets:
+                    if p.grad is None:
+                        continue
+                    grad_norm = p.grad.norm()
+                    if not is_usable_norm(grad_norm):
+                        continue
+                    original = p.detach().clone()
+                    backups.append((p, original))
+                    p.add_(self.lr * p.grad / grad_norm * original.norm())
+                    bound = self.eps * original.abs()
+                    p.copy_(torch.clamp(p, original - bound, original + bound))
+                    moved = (p - original).float().pow(2).sum()
+                    squared = moved if squared is None else squared + moved
+            if self.discard_clean_grad:
+                for p in self._trainable():
+                    p.grad = None
+            self._restore_stash()
+            yield AttackResult(skipped=not backups, norm=None if squared is None else squared.sqrt())
+        finally:
+            with torch.no_grad():
+                for p, original in backups:
+                    p.copy_(original)
