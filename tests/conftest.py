@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny BERT built from a config (no download), batches of random token ids, trainer factory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+
+VOCAB = 99
+
+
+def tiny_config(**overrides) -> BertConfig:
+    config = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    config.update(overrides)
+    return BertConfig(**config)
+
+
+def tiny_model(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_config(**overrides))
+
+
+def make_batch(batch_size: int = 4, seq_len: int = 10, seed: int = 1, multi_label: bool = False, num_labels: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
+    input_ids[:, -2:] = 0  # padding at the end, to exercise padding_idx
+    attention_mask = (input_ids != 0).long()
+    if multi_label:
+        labels = torch.randint(0, 2, (batch_size, num_labels), generator=g).float()
+    else:
+        labels = torch.randint(0, num_labels, (batch_size,), generator=g)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def make_dataset(n: int = 16, seq_len: int = 10, seed: int = 1, **kw) -> Dataset:
+    batch = make_batch(n, seq_len, seed, **kw)
+    return Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
+
+
+def training_args(tmp_path, cls=AdversarialTrainingArguments, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    if cls is AdversarialTrainingArguments:
+        defaults["adv_start_epoch"] = 0.0
+    defaults.update(overrides)
+    return cls(**defaults)
+
+
+def make_trainer(tmp_path, model=None, dataset=None, plain: bool = False, **overrides):
+    model = model if model is not None else tiny_model()
+    dataset = dataset if dataset is not None else make_dataset()
+    if plain:
+        return Trainer(model=model, args=training_args(tmp_path, TrainingArguments, **overrides), train_dataset=dataset)
+    return AdversarialTrainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=dataset)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_close_dicts(actual: dict, expected: dict, atol: float = 1e-5, rtol: float = 1e-4):
+    assert actual.keys() == expected.keys(), set(actual) ^ set(expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_equal_dicts(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), f"{name} differs"
+
+
+@pytest.fixture
+def deterministic_vat_noise(monkeypatch):
+    """VAT's random start as a function of the batch shape only, so runs can be compared."""
+    from hf_adv.methods.vat import VAT
+
+    def noise(self, shape, like):
+        g = torch.Generator().manual_seed(1234)
+        return torch.randn(shape, generator=g).to(like.device)
+
+    monkeypatch.setattr(VAT, "sample_noise", noise)
+    return noise
+
+
+__all__ = ["copy"]

@@ -1,0 +1,178 @@
+"""Gradients of every method equal those of a straightforward reference implementation (tests/reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_dicts, grads, make_batch, make_trainer, state, tiny_model
+
+import reference
+from hf_adv import AWP, FGM, FGSM, PGD
+
+CASES = {
+    "fgm": (dict(adv_method="fgm", adv_epsilon=0.5), lambda m, b: reference.fgm(m, b, 0.5)),
+    "fgsm": (dict(adv_method="fgsm", adv_epsilon=0.02), lambda m, b: reference.fgm(m, b, 0.02, sign=True)),
+    "pgd": (
+        dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=3),
+        lambda m, b: reference.pgd(m, b, 0.5, 0.3, 3),
+    ),
+    "pgd-1": (dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=1), lambda m, b: reference.pgd(m, b, 0.5, 0.3, 1)),
+    "awp": (dict(adv_method="awp", awp_lr=1.0, awp_eps=1e-2), lambda m, b: reference.awp(m, b, 1.0, 1e-2)),
+    "awp-discard": (
+        dict(adv_method="awp", awp_lr=1.0, awp_eps=1e-2, awp_discard_clean_grad=True),
+        lambda m, b: reference.awp(m, b, 1.0, 1e-2, discard_clean_grad=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trainer_step_matches_reference(tmp_path, case):
+    overrides, reference_step = CASES[case]
+    batch = make_batch()
+    model = tiny_model()
+    reference_model = tiny_model()
+    reference_step(reference_model, batch)
+    expected = grads(reference_model)
+
+    trainer = make_trainer(tmp_path, model=model, **overrides)
+    before = state(model)
+    trainer.training_step(trainer.model, dict(batch))
+    assert_close_dicts(grads(model), expected)
+    # The adversarial pass really contributed: the gradient differs from the clean one.
+    clean_model = tiny_model()
+    reference.clean(clean_model, batch)
+    assert any(not torch.allclose(grads(model)[n], g, atol=1e-6) for n, g in grads(clean_model).items())
+    # And every weight is back, bit for bit.
+    for name, value in state(model).items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["softmax", "bernoulli"])
+@pytest.mark.parametrize("adv_method", ["none", "fgm"])
+def test_vat_matches_reference(tmp_path, deterministic_vat_noise, multi_label, adv_method):
+    num_labels = 3 if multi_label else 2
+    batch = make_batch(multi_label=multi_label, num_labels=num_labels)
+    kwargs = {"num_labels": num_labels}
+    if multi_label:
+        kwargs["problem_type"] = "multi_label_classification"
+    model, reference_model = tiny_model(**kwargs), tiny_model(**kwargs)
+    noise = deterministic_vat_noise(None, (*batch["input_ids"].shape, 32), torch.zeros(1))
+
+    reference_model.zero_grad()
+    lds = reference.vat_term(reference_model, batch, noise, epsilon=1.0, xi=10.0, iterations=2, multi_label=multi_label)
+    total = reference_model(**batch).loss + 0.7 * lds
+    total.backward()
+    if adv_method == "fgm":
+        # FGM's pass adds the gradient of the adversarial loss; VAT's adds 0.7 * grad LDS (computed after restore).
+        fgm_model = tiny_model(**kwargs)
+        reference.fgm(fgm_model, batch, 0.5)
+        fgm_clean = tiny_model(**kwargs)
+        reference.clean(fgm_clean, batch)
+        adv_only = {n: g - grads(fgm_clean)[n] for n, g in grads(fgm_model).items()}
+        expected = {n: g + adv_only[n] for n, g in grads(reference_model).items()}
+    else:
+        expected = grads(reference_model)
+
+    trainer = make_trainer(
+        tmp_path, model=model, adv_method=adv_method, adv_epsilon=0.5, vat_weight=0.7, vat_epsilon=1.0, vat_xi=10.0,
+        vat_iterations=2,
+    )
+    trainer.training_step(trainer.model, dict(batch))
+    assert_close_dicts(grads(model), expected)
+
+
+def test_semi_supervised_unlabelled_examples_contribute_only_vat(tmp_path, deterministic_vat_noise):
+    batch = make_batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    model, reference_model = tiny_model(), tiny_model()
+    noise = deterministic_vat_noise(None, (*batch["input_ids"].shape, 32), torch.zeros(1))
+    lds = reference.vat_term(reference_model, batch, noise, epsilon=1.0, xi=10.0, iterations=1)
+    reference_model.zero_grad()
+    (0.5 * lds).backward()
+
+    trainer = make_trainer(tmp_path, model=model, vat_weight=0.5)
+    loss = trainer.training_step(trainer.model, dict(batch))
+    assert float(loss) == 0.0
+    got = grads(model)
+    assert_close_dicts({n: got.get(n, torch.zeros_like(g)) for n, g in grads(reference_model).items()}, grads(reference_model))
+
+
+def test_partially_labelled_multi_label_batch(tmp_path, deterministic_vat_noise):
+    batch = make_batch(multi_label=True, num_labels=3)
+    batch["labels"][:2] = -100  # two unlabelled examples
+    model = tiny_model(num_labels=3, problem_type="multi_label_classification")
+    trainer = make_trainer(tmp_path, model=model, vat_weight=1.0)
+    loss = trainer.training_step(trainer.model, dict(batch))
+    logits = tiny_model(num_labels=3, problem_type="multi_label_classification")(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[2:], batch["labels"][2:])
+    torch.testing.assert_close(loss, expected.detach())
+
+
+# -- the same methods in a hand-written loop ------------------------------------------------------------------------
+
+STANDALONE = {
+    "fgm": (lambda m: FGM(m, epsilon=0.5), lambda m, b: reference.fgm(m, b, 0.5)),
+    "fgsm": (lambda m: FGSM(m, epsilon=0.02), lambda m, b: reference.fgm(m, b, 0.02, sign=True)),
+    "pgd": (lambda m: PGD(m, epsilon=0.5, alpha=0.3, steps=3), lambda m, b: reference.pgd(m, b, 0.5, 0.3, 3)),
+    "awp": (lambda m: AWP(m, lr=1.0, eps=1e-2), lambda m, b: reference.awp(m, b, 1.0, 1e-2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STANDALONE))
+@pytest.mark.parametrize("use_capture", [True, False])
+def test_hand_written_loop_matches_reference(name, use_capture):
+    build, reference_step = STANDALONE[name]
+    batch = make_batch()
+    reference_model = tiny_model()
+    reference_step(reference_model, batch)
+
+    model = tiny_model()
+    method = build(model)
+    capture = method.capture() if use_capture else torch.enable_grad()
+    with capture:
+        model(**batch).loss.backward()
+        with method.perturbed(closure=lambda: model(**batch).loss) as attack:
+            assert not attack.skipped and attack.norm > 0
+            model(**batch).loss.backward()
+    method.remove()
+    assert_close_dicts(grads(model), grads(reference_model))
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_tap_row_gradient_equals_embedding_backward():
+    """Scattering the output gradient onto touched rows reproduces nn.Embedding's own weight gradient."""
+    from hf_adv.embedding import EmbeddingTap
+
+    for kwargs in ({"padding_idx": 0}, {"padding_idx": None, "scale_grad_by_freq": True}):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(20, 5, **kwargs)
+        ids = torch.tensor([[0, 3, 3, 7], [7, 0, 1, 3]])
+        tap = EmbeddingTap(emb, emb.weight)
+        tap.attach()
+        (emb(ids) * torch.randn(2, 4, 5)).sum().backward()
+        rows, row_grad = tap.captured_gradient()
+        tap.detach()
+        assert rows.tolist() == [0, 1, 3, 7]
+        torch.testing.assert_close(row_grad, emb.weight.grad[rows])
+        untouched = torch.ones(20, dtype=torch.bool)
+        untouched[rows] = False
+        assert emb.weight.grad[untouched].abs().sum() == 0
+
+
+def test_frozen_embedding_still_attacked():
+    """PEFT-style frozen embeddings: FGM still finds the gradient of the input rows and restores them."""
+    batch = make_batch()
+    model = tiny_model()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    before = model.get_input_embeddings().weight.clone()
+    fgm = FGM(model, epsilon=0.5)
+    model(**batch).loss.backward()
+    with fgm.perturbed() as attack:
+        assert not attack.skipped
+        assert not torch.equal(model.get_input_embeddings().weight, before)
+        model(**batch).loss.backward()
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    assert model.get_input_embeddings().weight.grad is None
+    fgm.remove()
