@@ -21,7 +21,9 @@ class AdversarialTrainingArguments(TrainingArguments):
     )
     adv_epsilon: float = field(
         default=1.0,
-        metadata={"help": "FGM: L2 size of the embedding perturbation. FGSM: its L-inf size. PGD: radius of the L2 ball."},
+        metadata={
+            "help": "FGM: L2 size of the embedding perturbation. FGSM: its L-inf size. PGD: radius of the L2 ball."
+        },
     )
     adv_alpha: float = field(default=0.3, metadata={"help": "PGD: size of each ascent step."})
     adv_steps: int = field(default=3, metadata={"help": "PGD: number of ascent steps K (K - 1 extra forward passes)."})
@@ -41,7 +43,8 @@ class AdversarialTrainingArguments(TrainingArguments):
         },
     )
     adv_start_step: int = field(
-        default=0, metadata={"help": "Train clean until this optimizer step, then attack (both starts must be reached)."}
+        default=0,
+        metadata={"help": "Train clean until this optimizer step, then attack (both starts must be reached)."},
     )
     # -- AWP ------------------------------------------------------------------------------------------------------
     awp_lr: float = field(default=1.0, metadata={"help": "AWP: step relative to each weight's norm (adv_lr)."})
@@ -57,7 +60,9 @@ class AdversarialTrainingArguments(TrainingArguments):
     )
     awp_discard_clean_grad: bool = field(
         default=False,
-        metadata={"help": "AWP: drop the clean gradient before the adversarial backward, as the classic snippet does."},
+        metadata={
+            "help": "AWP: drop the clean gradient before the adversarial backward, as the classic snippet does."
+        },
     )
     # -- VAT ------------------------------------------------------------------------------------------------------
     vat_weight: float = field(

@@ -46,8 +46,7 @@ def divergence(problem_type: str):
     if problem_type == MULTI_LABEL:
         return bernoulli_kl
     raise ValueError(
-        f"VAT needs a classification model; problem_type={problem_type!r} is not one of "
-        f"{[SINGLE_LABEL, MULTI_LABEL]}."
+        f"VAT needs a classification model; problem_type={problem_type!r} is not one of {[SINGLE_LABEL, MULTI_LABEL]}."
     )
 
 

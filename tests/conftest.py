@@ -77,7 +77,9 @@ def make_trainer(tmp_path, model=None, dataset=None, plain: bool = False, **over
     model = model if model is not None else tiny_model()
     dataset = dataset if dataset is not None else make_dataset()
     if plain:
-        return Trainer(model=model, args=training_args(tmp_path, TrainingArguments, **overrides), train_dataset=dataset)
+        return Trainer(
+            model=model, args=training_args(tmp_path, TrainingArguments, **overrides), train_dataset=dataset
+        )
     return AdversarialTrainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=dataset)
 
 
@@ -92,7 +94,9 @@ def state(model) -> dict[str, torch.Tensor]:
 def assert_close_dicts(actual: dict, expected: dict, atol: float = 1e-5, rtol: float = 1e-4):
     assert actual.keys() == expected.keys(), set(actual) ^ set(expected)
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual[name], expected[name], atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def assert_equal_dicts(actual: dict, expected: dict):

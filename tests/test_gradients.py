@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 from conftest import assert_close_dicts, grads, make_batch, make_trainer, state, tiny_model
 
-import reference
 from hf_adv import AWP, FGM, FGSM, PGD
 
 CASES = {
@@ -16,7 +16,10 @@ CASES = {
         dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=3),
         lambda m, b: reference.pgd(m, b, 0.5, 0.3, 3),
     ),
-    "pgd-1": (dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=1), lambda m, b: reference.pgd(m, b, 0.5, 0.3, 1)),
+    "pgd-1": (
+        dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=1),
+        lambda m, b: reference.pgd(m, b, 0.5, 0.3, 1),
+    ),
     "awp": (dict(adv_method="awp", awp_lr=1.0, awp_eps=1e-2), lambda m, b: reference.awp(m, b, 1.0, 1e-2)),
     "awp-discard": (
         dict(adv_method="awp", awp_lr=1.0, awp_eps=1e-2, awp_discard_clean_grad=True),
@@ -59,7 +62,9 @@ def test_vat_matches_reference(tmp_path, deterministic_vat_noise, multi_label, a
     noise = deterministic_vat_noise(None, (*batch["input_ids"].shape, 32), torch.zeros(1))
 
     reference_model.zero_grad()
-    lds = reference.vat_term(reference_model, batch, noise, epsilon=1.0, xi=10.0, iterations=2, multi_label=multi_label)
+    lds = reference.vat_term(
+        reference_model, batch, noise, epsilon=1.0, xi=10.0, iterations=2, multi_label=multi_label
+    )
     total = reference_model(**batch).loss + 0.7 * lds
     total.backward()
     if adv_method == "fgm":
@@ -74,7 +79,13 @@ def test_vat_matches_reference(tmp_path, deterministic_vat_noise, multi_label, a
         expected = grads(reference_model)
 
     trainer = make_trainer(
-        tmp_path, model=model, adv_method=adv_method, adv_epsilon=0.5, vat_weight=0.7, vat_epsilon=1.0, vat_xi=10.0,
+        tmp_path,
+        model=model,
+        adv_method=adv_method,
+        adv_epsilon=0.5,
+        vat_weight=0.7,
+        vat_epsilon=1.0,
+        vat_xi=10.0,
         vat_iterations=2,
     )
     trainer.training_step(trainer.model, dict(batch))
@@ -94,7 +105,9 @@ def test_semi_supervised_unlabelled_examples_contribute_only_vat(tmp_path, deter
     loss = trainer.training_step(trainer.model, dict(batch))
     assert float(loss) == 0.0
     got = grads(model)
-    assert_close_dicts({n: got.get(n, torch.zeros_like(g)) for n, g in grads(reference_model).items()}, grads(reference_model))
+    assert_close_dicts(
+        {n: got.get(n, torch.zeros_like(g)) for n, g in grads(reference_model).items()}, grads(reference_model)
+    )
 
 
 def test_partially_labelled_multi_label_batch(tmp_path, deterministic_vat_noise):

@@ -32,7 +32,9 @@ class FGM(AdversarialMethod):
 
     name = "fgm"
 
-    def __init__(self, model: nn.Module, epsilon: float = 1.0, *, embedding_name: str | None = None, attach: bool = True):
+    def __init__(
+        self, model: nn.Module, epsilon: float = 1.0, *, embedding_name: str | None = None, attach: bool = True
+    ):
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}.")
         super().__init__(model, embedding_name=embedding_name, attach=attach)

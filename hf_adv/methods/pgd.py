@@ -53,7 +53,9 @@ class PGD(AdversarialMethod):
     @contextlib.contextmanager
     def perturbed(self, closure: Callable[[], torch.Tensor] | None = None) -> Iterator[AttackResult]:
         if self.steps > 1 and closure is None:
-            raise ValueError(f"PGD with steps={self.steps} needs a `closure` that runs the forward and returns the loss.")
+            raise ValueError(
+                f"PGD with steps={self.steps} needs a `closure` that runs the forward and returns the loss."
+            )
         rows, grad = self.tap.captured_gradient()
         self.tap.reset()
         weight = self.tap.weight

@@ -97,7 +97,9 @@ class VAT:
             return None
         return self.epsilon * normalize_per_example(d)
 
-    def loss(self, forward: Callable[[], torch.Tensor], clean_logits: torch.Tensor, r_adv: torch.Tensor, problem_type: str) -> torch.Tensor:
+    def loss(
+        self, forward: Callable[[], torch.Tensor], clean_logits: torch.Tensor, r_adv: torch.Tensor, problem_type: str
+    ) -> torch.Tensor:
         """LDS at the perturbation `r_adv`; differentiable with respect to the parameters."""
         with self.tap.shifted(r_adv):
             logits = forward()

@@ -1,0 +1,345 @@
+"""AdversarialTrainer inside transformers.Trainer: equivalence with a plain run, gradient accumulation, restoring
+weights, evaluation and checkpoints, mixed precision, logging and argument validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    assert_close_dicts,
+    assert_equal_dicts,
+    grads,
+    make_batch,
+    make_dataset,
+    make_trainer,
+    state,
+    tiny_model,
+    training_args,
+)
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from hf_adv import AWP, FGM, PGD, AdversarialTrainer, AdversarialTrainingArguments
+
+METHODS = {
+    "fgm": dict(adv_method="fgm", adv_epsilon=0.5),
+    "fgsm": dict(adv_method="fgsm", adv_epsilon=0.02),
+    "pgd": dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=3),
+    "awp": dict(adv_method="awp", awp_lr=1.0, awp_eps=1e-2),
+    "vat": dict(vat_weight=1.0),
+    "fgm+vat": dict(adv_method="fgm", adv_epsilon=0.5, vat_weight=1.0),
+}
+
+
+def test_none_is_bit_identical_to_plain_trainer(tmp_path):
+    plain = make_trainer(tmp_path / "a", plain=True, max_steps=4, logging_steps=1, optim="adamw_torch")
+    ours = make_trainer(tmp_path / "b", max_steps=4, logging_steps=1, optim="adamw_torch")
+    plain.train()
+    ours.train()
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert losses(plain) == losses(ours) and len(losses(ours)) == 4
+    assert_equal_dicts(state(ours.model), state(plain.model))
+
+
+def test_none_accumulation_equals_larger_batch(tmp_path):
+    big = make_trainer(tmp_path / "a", per_device_train_batch_size=8, max_steps=2)
+    accumulated = make_trainer(
+        tmp_path / "b", per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2
+    )
+    big.train()
+    accumulated.train()
+    assert_close_dicts(state(accumulated.model), state(big.model), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_accumulation_is_mean_of_micro_batches(tmp_path, deterministic_vat_noise, name):
+    """Batch 4 with GA 2 gives the mean of the updates its two micro-batches give as separate batches (SGD)."""
+    overrides = METHODS[name]
+    dataset = make_dataset(8)
+    initial = state(tiny_model())
+    accumulated = make_trainer(
+        tmp_path / "ga", dataset=dataset, gradient_accumulation_steps=2, max_steps=1, **overrides
+    )
+    accumulated.train()
+    updates = []
+    for i in range(2):
+        single = make_trainer(
+            tmp_path / f"mb{i}", dataset=dataset.select(range(4 * i, 4 * i + 4)), max_steps=1, **overrides
+        )
+        single.train()
+        updates.append({n: v - initial[n] for n, v in state(single.model).items()})
+    expected = {n: initial[n] + (updates[0][n] + updates[1][n]) / 2 for n in initial}
+    assert_close_dicts(state(accumulated.model), expected, atol=1e-6)
+    # The adversarial pass changed the update (else this test would not test the method).
+    plain = make_trainer(tmp_path / "plain", dataset=dataset, gradient_accumulation_steps=2, max_steps=1)
+    plain.train()
+    assert any(not torch.allclose(state(plain.model)[n], v, atol=1e-7) for n, v in expected.items())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_accumulation_step_level(tmp_path, deterministic_vat_noise, name):
+    """Micro-batch 2 attacks with its own gradient, not with the gradient accumulated from micro-batch 1."""
+    b1, b2 = make_batch(seed=1), make_batch(seed=2)
+    trainer = make_trainer(tmp_path, **METHODS[name])
+    model = trainer.model
+    separate = []
+    for b in (b1, b2):
+        model.zero_grad()
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.training_step(model, dict(b))
+        separate.append(grads(model))
+    model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.training_step(model, dict(b1))
+    trainer.training_step(model, dict(b2))
+    assert_close_dicts(grads(model), {n: (separate[0][n] + separate[1][n]) / 2 for n in separate[0]}, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_weights_restored_when_adversarial_forward_raises(tmp_path, name):
+    trainer = make_trainer(tmp_path, **METHODS[name])
+    model = trainer.model
+    before = state(model)
+    original_forward = model.forward
+    calls = {"n": 0}
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the clean pass succeeds; the first pass with a perturbation fails
+            raise RuntimeError("boom")
+        return original_forward(*args, **kwargs)
+
+    model.forward = failing_forward
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.training_step(model, make_batch())
+    model.forward = original_forward
+    assert_equal_dicts(state(model), before)
+    assert not model.get_input_embeddings()._forward_hooks, "the embedding hook must be removed"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_checkpoints_and_evaluation_never_see_perturbed_weights(tmp_path, name):
+    """With learning rate 0 every checkpoint and every evaluation must see exactly the initial weights."""
+    initial = state(tiny_model())
+    eval_dataset = make_dataset(8, seed=5)
+    trainer = AdversarialTrainer(
+        model=tiny_model(),
+        args=training_args(
+            tmp_path,
+            learning_rate=0.0,
+            max_steps=2,
+            save_strategy="steps",
+            save_steps=1,
+            eval_strategy="steps",
+            eval_steps=1,
+            per_device_eval_batch_size=4,
+            **METHODS[name],
+        ),
+        train_dataset=make_dataset(),
+        eval_dataset=eval_dataset,
+    )
+    trainer.train()
+    for step in (1, 2):
+        saved = load_file(str(tmp_path / "out" / f"checkpoint-{step}" / "model.safetensors"))
+        for n, v in initial.items():
+            assert torch.equal(saved[n], v), (step, n)
+    reference = make_trainer(tmp_path / "ref", plain=True, per_device_eval_batch_size=4)
+    expected_loss = reference.evaluate(eval_dataset)["eval_loss"]
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert eval_losses == [expected_loss, expected_loss]
+    assert_equal_dicts(state(trainer.model), initial)
+
+
+@pytest.mark.parametrize("name", ["fgm", "pgd", "awp", "vat"])
+def test_bf16_autocast_trains_and_restores_exactly(tmp_path, name):
+    trainer = make_trainer(tmp_path, bf16=True, learning_rate=0.0, max_steps=2, logging_steps=1, **METHODS[name])
+    assert trainer.accelerator.mixed_precision == "bf16"
+    initial = state(trainer.model)
+    trainer.train()
+    assert_equal_dicts(state(trainer.model), initial)
+    logs = [h for h in trainer.state.log_history if "clean_loss" in h]
+    assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    moving = make_trainer(tmp_path / "b", bf16=True, learning_rate=1e-2, max_steps=2, **METHODS[name])
+    moving.train()
+    assert any(not torch.equal(v, initial[n]) for n, v in state(moving.model).items())
+
+
+# -- fp16: directions do not depend on the GradScaler's loss scale; overflow steps are skipped ------------------------
+
+
+def _perturbation(method, model, batch, loss_scale):
+    """The weights inside `perturbed()` after a clean backward of `loss * loss_scale`."""
+    with method.capture():
+        (model(**batch).loss * loss_scale).backward()
+        with method.perturbed(closure=lambda: model(**batch).loss * loss_scale) as attack:
+            inside = state(model)
+    model.zero_grad()
+    return attack, inside
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda m: FGM(m, 0.5), lambda m: PGD(m, 0.5, 0.3, 3), lambda m: AWP(m, 1.0, 1e-2)],
+    ids=["fgm", "pgd", "awp"],
+)
+def test_scaled_gradients_give_the_same_perturbation(build):
+    batch = make_batch()
+    model = tiny_model()
+    method = build(model)
+    _, unscaled = _perturbation(method, model, batch, 1.0)
+    _, scaled = _perturbation(method, model, batch, 2.0**16)
+    assert_equal_dicts(scaled, unscaled)  # power-of-two scales are exact in floating point
+    before = state(model)
+    attack, inside = _perturbation(method, model, batch, float("inf"))
+    assert attack.skipped
+    assert_equal_dicts(inside, before)
+    method.remove()
+
+
+def test_overflow_steps_are_skipped_and_counted(tmp_path):
+    # Micro-batch 1 overflows; micro-batch 2 attacks with its own finite gradient, not the accumulated Inf one.
+    trainer = make_trainer(tmp_path, adv_method="fgm", max_steps=1, gradient_accumulation_steps=2, logging_steps=1)
+    original = trainer.compute_loss
+    calls = {"n": 0}
+
+    def overflowing(model, inputs, return_outputs=False, num_items_in_batch=None):
+        calls["n"] += 1
+        result = original(model, inputs, return_outputs, num_items_in_batch)
+        if calls["n"] == 1 and return_outputs:  # the first clean loss overflows, as in an fp16 step
+            return result[0] * float("inf"), result[1]
+        return result
+
+    trainer.compute_loss = overflowing
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "adv_skipped" in h)
+    assert log["adv_skipped"] == 1.0
+    assert log["adv_loss"] > 0 and log["adv_perturbation_norm"] == pytest.approx(1.0)
+
+
+# -- logging, start, validation ---------------------------------------------------------------------------------------
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_metrics_reach_callbacks(tmp_path):
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, adv_method="pgd", vat_weight=1.0, max_steps=4, logging_steps=2)
+    trainer.add_callback(recorder)
+    trainer.train()
+    train_logs = [log for log in recorder.logs if "loss" in log]
+    assert len(train_logs) == 2
+    for log in train_logs:
+        for key in ("clean_loss", "adv_loss", "vat_loss", "adv_perturbation_norm", "adv_skipped", "vat_skipped"):
+            assert key in log, key
+        assert log["adv_loss"] > 0 and 0 < log["adv_perturbation_norm"] <= 1.0 + 1e-5
+        assert log["clean_loss"] == pytest.approx(log["loss"], rel=1e-4)
+    assert trainer.state.log_history[0]["adv_loss"] == train_logs[0]["adv_loss"]
+
+
+def test_attack_starts_after_warm_up(tmp_path):
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, adv_method="fgm", adv_start_step=2, max_steps=4, logging_steps=1)
+    trainer.add_callback(recorder)
+    trainer.train()
+    logs = [log for log in recorder.logs if "loss" in log]
+    assert ["adv_loss" in log for log in logs] == [False, False, True, True]
+
+
+def test_awp_waits_for_the_first_epoch_by_default(tmp_path):
+    args = AdversarialTrainingArguments(output_dir=str(tmp_path), adv_method="awp", report_to="none")
+    assert args.resolved_start_epoch == 1.0
+    trainer = make_trainer(
+        tmp_path,
+        adv_method="awp",
+        adv_start_epoch=None,
+        num_train_epochs=2,
+        logging_steps=1,
+        per_device_train_batch_size=8,
+    )
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    logs = [log for log in recorder.logs if "loss" in log]
+    assert ["adv_loss" in log for log in logs] == [False, False, True, True]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(adv_method="fgn"), r"adv_method='fgn' is not one of \['none', 'awp', 'fgm', 'fgsm', 'pgd'\]"),
+        (dict(adv_epsilon=0.0), "adv_epsilon must be > 0, got 0.0"),
+        (dict(adv_epsilon=-1.0), "adv_epsilon must be > 0"),
+        (dict(adv_steps=0), "adv_steps must be >= 1, got 0"),
+        (dict(vat_iterations=0), "vat_iterations must be >= 1"),
+        (dict(vat_weight=-0.1), "vat_weight must be >= 0"),
+        (dict(awp_eps=0.0), "awp_eps must be > 0"),
+    ],
+)
+def test_invalid_arguments_fail_at_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        AdversarialTrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+
+
+def test_arguments_parse_from_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(AdversarialTrainingArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--adv_method",
+            "pgd",
+            "--adv_epsilon",
+            "0.7",
+            "--adv_steps",
+            "5",
+            "--vat_weight",
+            "0.5",
+            "--awp_param_pattern",
+            "encoder",
+            "--adv_start_epoch",
+            "0.5",
+            "--report_to",
+            "none",
+        ]
+    )
+    assert (args.adv_method, args.adv_epsilon, args.adv_steps, args.vat_weight) == ("pgd", 0.7, 5, 0.5)
+    assert (args.awp_param_pattern, args.adv_start_epoch) == ("encoder", 0.5)
+
+
+def test_model_without_input_embeddings_fails_at_construction(tmp_path):
+    class NoEmbeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x, labels=None):
+            return {"loss": self.linear(x).sum()}
+
+    with pytest.raises(ValueError, match="NoEmbeddings has no input embeddings"):
+        make_trainer(tmp_path, model=NoEmbeddings(), adv_method="fgm")
+
+
+def test_bad_embedding_name_lists_candidates(tmp_path):
+    with pytest.raises(ValueError, match=r"adv_embedding_name='bert.wte.weight' is not a parameter.*word_embeddings"):
+        make_trainer(tmp_path, adv_method="fgm", adv_embedding_name="bert.wte.weight")
+    trainer = make_trainer(tmp_path, adv_method="fgm", adv_embedding_name="bert.embeddings.word_embeddings.weight")
+    assert trainer.adversary.tap.weight is trainer.model.bert.embeddings.word_embeddings.weight
+
+
+def test_vat_on_regression_model_fails_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="vat_weight=1.0 needs a classification model"):
+        make_trainer(tmp_path, model=tiny_model(num_labels=1), vat_weight=1.0)
+
+
+def test_plain_training_arguments_are_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="AdversarialTrainingArguments"):
+        AdversarialTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
