@@ -179,7 +179,7 @@ def dataset(n: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(n)]
 
 
-def run_scenario(name: str, distributed: bool, output_dir: str) -> dict:
+def run_scenario(name: str, distributed: bool, output_dir: str, find_unused: bool | None = None) -> dict:
     method, ga, skip = SCENARIOS[name]
     accumulation = ga if distributed else ga * WORLD
     n = STEPS * WORLD * ga * BATCH  # exactly one epoch
@@ -200,6 +200,7 @@ def run_scenario(name: str, distributed: bool, output_dir: str) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=42,
+        ddp_find_unused_parameters=find_unused,
         **METHODS[method],
     )
     counter = CommHookCounter()
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--single", action="store_true", help="single-process reference run")
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
+    parser.add_argument("--find-unused", choices=["default", "true", "false"], default="default")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     distributed = not cli.single
@@ -238,7 +240,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in cli.scenarios:
             try:
-                result = run_scenario(name, distributed, os.path.join(tmp, name.replace("/", "_")))
+                find_unused = {"default": None, "true": True, "false": False}[cli.find_unused]
+                result = run_scenario(name, distributed, os.path.join(tmp, name.replace("/", "_")), find_unused)
             except Exception:
                 traceback.print_exc()
                 result = {"error": traceback.format_exc()}
