@@ -114,10 +114,13 @@ class AWP(AdversarialMethod):
                         continue
                     original = p.detach().clone()
                     backups.append((p, original))
-                    p.add_(self.lr * p.grad / grad_norm * original.norm())
-                    bound = self.eps * original.abs()
-                    p.copy_(torch.clamp(p, original - bound, original + bound))
-                    moved = (p - original).float().pow(2).sum()
+                    # clamp(w0 + step, w0 - b, w0 + b) == w0 + clamp(step, -b, b): clamping the step needs no bounds
+                    # tensors kept alive, and its norm is the norm of the move.
+                    step = p.grad * (self.lr * original.norm() / grad_norm)
+                    bound = original.abs().mul_(self.eps)
+                    step = torch.minimum(torch.maximum(step, bound.neg()), bound)
+                    p.add_(step)
+                    moved = step.float().pow(2).sum()
                     squared = moved if squared is None else squared + moved
             if self.discard_clean_grad:
                 for p in self._trainable():
