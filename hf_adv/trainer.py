@@ -93,6 +93,11 @@ class AdversarialTrainer(Trainer):
                 f"micro-batch and perturbs weights in place, which {engine} (sharded parameters and gradients) does "
                 "not allow here. Use DDP (`accelerate launch --multi_gpu`) or adv_method='none' with vat_weight=0."
             )
+        if "lomo" in str(args.optim).lower():
+            raise ValueError(
+                f"optim={args.optim!r} updates the weights inside backward(); adversarial methods run several "
+                "backward passes per step, which would apply several updates. Choose another optimizer."
+            )
         if args.n_gpu > 1:
             raise ValueError(
                 f"adv_method={args.adv_method!r} does not support torch.nn.DataParallel (n_gpu={args.n_gpu}); launch "

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
 
@@ -103,6 +103,16 @@ def assert_equal_dicts(actual: dict, expected: dict):
     assert actual.keys() == expected.keys()
     for name in expected:
         assert torch.equal(actual[name], expected[name]), f"{name} differs"
+
+
+class Recorder(TrainerCallback):
+    """Keeps every dict passed to `on_log`, as a `report_to` integration receives it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
 
 
 @pytest.fixture

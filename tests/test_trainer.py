@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    Recorder,
     assert_close_dicts,
     assert_equal_dicts,
     grads,
@@ -17,7 +18,6 @@ from conftest import (
     training_args,
 )
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from hf_adv import AWP, FGM, PGD, AdversarialTrainer, AdversarialTrainingArguments
 
@@ -217,14 +217,6 @@ def test_overflow_steps_are_skipped_and_counted(tmp_path):
 
 
 # -- logging, start, validation ---------------------------------------------------------------------------------------
-
-
-class Recorder(TrainerCallback):
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs))
 
 
 def test_metrics_reach_callbacks(tmp_path):
