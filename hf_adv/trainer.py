@@ -40,6 +40,25 @@ def _logits(outputs) -> torch.Tensor:
     return outputs[1] if len(outputs) > 1 else outputs[0]
 
 
+@contextlib.contextmanager
+def _sync_in_backward(model: DistributedDataParallel, loss: torch.Tensor):
+    """Make the backward of `loss` all-reduce the gradients although its forward ran under `no_sync`.
+
+    `Accelerator.trigger_sync_in_backward` calls `reducer.prepare_for_backward([])`. With `find_unused_parameters=True`
+    (the Trainer's default for a transformers model) DDP searches the graph of the tensors it is given for the
+    parameters that will receive a gradient; given none, it takes every parameter for unused, marks them all ready at
+    the first gradient hook, and the backward fails with "Expected to mark a variable ready only once". Given the loss,
+    it searches the graph this backward runs.
+    """
+    old = (model.require_backward_grad_sync, model.require_forward_param_sync)
+    model.require_backward_grad_sync = model.require_forward_param_sync = True
+    model.reducer.prepare_for_backward([loss])
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync, model.require_forward_param_sync = old
+
+
 class AdversarialTrainer(Trainer):
     """A drop-in `Trainer` whose training step adds an adversarial pass and a VAT term.
 
@@ -192,7 +211,7 @@ class AdversarialTrainer(Trainer):
         def backward(loss: torch.Tensor, last: bool) -> None:
             nonlocal synced
             if last and wants_sync:
-                with self.accelerator.trigger_sync_in_backward(model):
+                with _sync_in_backward(model, loss):
                     self.accelerator.backward(loss)
                 synced = True
             else:

@@ -1,18 +1,20 @@
-"""Worker for tests/test_ddp.py: trains a tiny BERT with `AdversarialTrainer` for every scenario and saves the results.
+"""Worker for tests/test_ddp.py: trains a tiny BERT with `AdversarialTrainer` in every scenario and saves the results.
 
 Two modes, same scenarios, same data:
 
-* distributed: ``torchrun --nproc_per_node 2 tests/ddp_worker.py --out results.pt`` (CPU, gloo). Each scenario trains
-  with per-device batch 2 and `gradient_accumulation_steps=ga`. A DDP communication hook counts the all-reduces.
-* single process: ``python tests/ddp_worker.py --single --out reference.pt``. Each scenario trains with per-device
-  batch 2 and `gradient_accumulation_steps=2 * ga`, which is the same optimization: accelerate's
-  `BatchSamplerShard` gives rank r the global batches r, r + 2, r + 4, ... of the (identically seeded) sampler, so
-  an optimizer step of the DDP run sees exactly the micro-batches of one step of the single run. Micro-batch m of a
-  step of the single run plays the part of rank m % 2 ("virtual rank"), which is what the skip scenarios and the
-  deterministic VAT noise key on.
+* distributed: ``torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py --out ddp.pt`` (CPU, gloo). Each
+  scenario trains with per-device batch 2 and `gradient_accumulation_steps=ga`; a DDP communication hook counts
+  the all-reduces.
+* single process: ``python tests/ddp_worker.py --single --out single.pt``. Each scenario trains with batch 2 and
+  `gradient_accumulation_steps=2 * ga`, the same optimization: accelerate's `BatchSamplerShard` gives rank r the
+  batches r, r + 2, r + 4, ... of the sampler, which is the same `SeedableRandomSampler` (seeded by
+  `TrainingArguments.seed` through `set_seed` in `Trainer.__init__`) in both modes, so optimizer step k of the DDP
+  run sees exactly the micro-batches of step k of the single run. The test checks this from the recorded batches.
+  Micro-batch m of a step of the single run stands for rank m % 2 (its "virtual rank"): the skip scenarios and
+  VAT's deterministic random start key on it.
 
-Rank 0 (or the single process) rewrites the output file after every scenario, so a scenario that hangs does not
-lose the results of the ones before it.
+Rank 0 (or the single process) rewrites the output file after every scenario, so that a scenario that hangs does not
+lose the results of the ones before it; the skip scenarios, the likeliest to hang, run last.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
 
@@ -38,9 +41,9 @@ from hf_adv import AdversarialTrainer, AdversarialTrainingArguments  # noqa: E40
 from hf_adv.methods.base import is_usable_norm  # noqa: E402
 from hf_adv.methods.vat import VAT  # noqa: E402
 
-WORLD = 2  # processes of the distributed run, micro-batches per step of the single run (times ga)
+WORLD = 2  # processes of the distributed run; micro-batches per step of the single run (times ga)
 BATCH = 2  # per-device batch size
-STEPS = 3  # optimizer steps
+STEPS = 3  # optimizer steps, exactly one epoch
 SEQ_LEN = 10
 VOCAB = 99
 
@@ -53,19 +56,34 @@ METHODS = {
     "fgm+vat": {"adv_method": "fgm", "adv_epsilon": 0.5, "vat_weight": 1.0},
 }
 
-# name -> (method, gradient accumulation of the DDP run, attacks skipped on rank 1: "adv" and/or "vat")
-SCENARIOS: dict[str, tuple[str, int, tuple[str, ...]]] = {}
-for _method in METHODS:
-    SCENARIOS[f"{_method}/ga1"] = (_method, 1, ())
-for _method in METHODS:
-    SCENARIOS[f"{_method}/ga2"] = (_method, 2, ())
-# Last, so that a hang there cannot hide the results above. The attack is skipped on rank 1 only; with nothing
-# left to back-propagate after the clean pass, rank 1 must still join the all-reduce that rank 0 starts.
-SCENARIOS["fgm/ga1/skip-adv-rank1"] = ("fgm", 1, ("adv",))
-SCENARIOS["pgd/ga2/skip-adv-rank1"] = ("pgd", 2, ("adv",))
-SCENARIOS["awp/ga1/skip-adv-rank1"] = ("awp", 1, ("adv",))
-SCENARIOS["fgm+vat/ga1/skip-vat-rank1"] = ("fgm+vat", 1, ("vat",))
-SCENARIOS["fgm+vat/ga1/skip-adv+vat-rank1"] = ("fgm+vat", 1, ("adv", "vat"))
+# DDP settings: the Trainer's default for a transformers model (`find_unused_parameters=True` unless gradient
+# checkpointing is on) and `ddp_find_unused_parameters=False` (no graph search, buckets rebuilt after step 1).
+DDP_CONFIGS = {"default-ddp": None, "no-find-unused": False}
+
+# Skip scenarios: the attack named is skipped on rank 1 only, as for a NaN gradient norm there.
+SKIPS = {
+    "fgm/ga1/skip-adv": ("fgm", 1, ("adv",)),
+    "pgd/ga2/skip-adv": ("pgd", 2, ("adv",)),
+    "awp/ga1/skip-adv": ("awp", 1, ("adv",)),
+    "fgm+vat/ga1/skip-vat": ("fgm+vat", 1, ("vat",)),
+    "fgm+vat/ga1/skip-adv+vat": ("fgm+vat", 1, ("adv", "vat")),
+}
+
+
+def scenarios() -> dict[str, dict]:
+    """name -> {method, ga (of the DDP run), skip, ddp (key of DDP_CONFIGS), reference (name in the single run)}."""
+    trainings = {f"{m}/ga{ga}": (m, ga, ()) for ga in (1, 2) for m in METHODS}
+    out = {}
+    for group in (trainings, SKIPS):  # the skip scenarios last
+        for ddp in DDP_CONFIGS:
+            for reference, (method, ga, skip) in group.items():
+                name = f"{reference}/{ddp}"
+                out[name] = {"method": method, "ga": ga, "skip": skip, "ddp": ddp, "reference": reference}
+    return out
+
+
+SCENARIOS = scenarios()
+REFERENCES = {s["reference"]: s for s in SCENARIOS.values() if s["ddp"] == "default-ddp"}
 
 
 class Context:
@@ -81,7 +99,7 @@ class Context:
 
 
 def deterministic_noise(self, shape, like):
-    """VAT's random start as a function of the input ids (NaN on a rank whose VAT is to be skipped)."""
+    """VAT's random start as a function of the input ids; NaN on a rank whose VAT is to be skipped."""
     if Context.skipping("vat"):
         return torch.full(shape, float("nan"), device=like.device)
     ids = Context.input_ids.detach().cpu().long()
@@ -94,9 +112,12 @@ def usable_norm_unless_skipped(norm):
     return False if Context.skipping("adv") else is_usable_norm(norm)
 
 
-VAT.sample_noise = deterministic_noise
-for _module in (fgm_module, pgd_module, awp_module):
-    _module.is_usable_norm = usable_norm_unless_skipped
+def install_patches() -> None:
+    """Make VAT's random start deterministic and let `Context` skip attacks (called by `main` only, so that the test
+    can import this module for its scenario table without patching hf_adv in the pytest process)."""
+    VAT.sample_noise = deterministic_noise
+    for module in (fgm_module, pgd_module, awp_module):
+        module.is_usable_norm = usable_norm_unless_skipped
 
 
 class RecordingTrainer(AdversarialTrainer):
@@ -127,31 +148,29 @@ class RecordingTrainer(AdversarialTrainer):
 
 
 class CommHookCounter(TrainerCallback):
-    """Registers, once the model is wrapped in DDP, a communication hook that counts all-reduces and then performs
-    the default one."""
+    """At train begin, once the Trainer has wrapped the model in DDP, registers a communication hook that counts the
+    all-reduces and then runs the default one."""
 
     def __init__(self):
-        self.trainer = None
-        self.wrapped_at_train_begin = None
+        self.trainer: AdversarialTrainer | None = None
+        self.wrapped_at_train_begin: str | None = None
         self.calls = 0  # one per gradient bucket reduced
         self.bucket0_calls = 0  # one per all-reduce of the whole gradient
-        self.calls_per_step: list[int] = []
+        self.bucket0_calls_per_step: list[int] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = self.trainer.model_wrapped
-        self.wrapped_at_train_begin = isinstance(model, DistributedDataParallel)
-        if self.wrapped_at_train_begin:
+        self.wrapped_at_train_begin = type(model).__name__
+        if isinstance(model, DistributedDataParallel):
             model.register_comm_hook(state=None, hook=self.hook)
 
     def hook(self, state, bucket):
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
         self.calls += 1
         self.bucket0_calls += int(bucket.index() == 0)
         return allreduce_hook(None, bucket)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.calls_per_step.append(self.bucket0_calls - sum(self.calls_per_step))
+        self.bucket0_calls_per_step.append(self.bucket0_calls - sum(self.bucket0_calls_per_step))
 
 
 def tiny_model() -> BertForSequenceClassification:
@@ -170,19 +189,18 @@ def tiny_model() -> BertForSequenceClassification:
 
 
 def dataset(n: int) -> list[dict[str, torch.Tensor]]:
+    """Random token ids, padded (id 0) at the end to random lengths, random binary labels."""
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1, VOCAB, (n, SEQ_LEN), generator=g)
     lengths = torch.randint(SEQ_LEN // 2, SEQ_LEN + 1, (n,), generator=g)
     attention_mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
-    input_ids = input_ids * attention_mask  # padding (id 0) at the end
+    input_ids = input_ids * attention_mask
     labels = torch.randint(0, 2, (n,), generator=g)
     return [{"input_ids": input_ids[i], "attention_mask": attention_mask[i], "labels": labels[i]} for i in range(n)]
 
 
-def run_scenario(name: str, distributed: bool, output_dir: str, find_unused: bool | None = None) -> dict:
-    method, ga, skip = SCENARIOS[name]
-    accumulation = ga if distributed else ga * WORLD
-    n = STEPS * WORLD * ga * BATCH  # exactly one epoch
+def run_scenario(scenario: dict, distributed: bool, output_dir: str) -> dict:
+    ga = scenario["ga"]
     args = AdversarialTrainingArguments(
         output_dir=output_dir,
         use_cpu=True,
@@ -193,18 +211,24 @@ def run_scenario(name: str, distributed: bool, output_dir: str, find_unused: boo
         max_grad_norm=0.0,
         weight_decay=0.0,
         per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=ga if distributed else ga * WORLD,
         num_train_epochs=1,
         logging_steps=1,
         save_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=42,
-        ddp_find_unused_parameters=find_unused,
-        **METHODS[method],
+        ddp_find_unused_parameters=DDP_CONFIGS[scenario["ddp"]],
+        **METHODS[scenario["method"]],
     )
     counter = CommHookCounter()
-    trainer = RecordingTrainer(model=tiny_model(), args=args, train_dataset=dataset(n), callbacks=[counter], skip=skip)
+    trainer = RecordingTrainer(
+        model=tiny_model(),
+        args=args,
+        train_dataset=dataset(STEPS * WORLD * ga * BATCH),
+        callbacks=[counter],
+        skip=scenario["skip"],
+    )
     counter.trainer = trainer
     trainer.train()
     return {
@@ -215,18 +239,18 @@ def run_scenario(name: str, distributed: bool, output_dir: str, find_unused: boo
         "wrapped_at_train_begin": counter.wrapped_at_train_begin,
         "hook_calls": counter.calls,
         "hook_bucket0_calls": counter.bucket0_calls,
-        "hook_calls_per_step": counter.calls_per_step,
+        "hook_bucket0_calls_per_step": counter.bucket0_calls_per_step,
         "logs": [h for h in trainer.state.log_history if "loss" in h],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="results file (torch.save of a dict)")
     parser.add_argument("--single", action="store_true", help="single-process reference run")
-    parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
-    parser.add_argument("--find-unused", choices=["default", "true", "false"], default="default")
+    parser.add_argument("--scenarios", nargs="*", help="names to run (default: all)")
     cli = parser.parse_args()
+    install_patches()
     torch.set_num_threads(1)
     distributed = not cli.single
     rank = 0
@@ -235,28 +259,26 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=60))
         rank = dist.get_rank()
         assert dist.get_world_size() == WORLD, dist.get_world_size()
+    todo = cli.scenarios or list(SCENARIOS if distributed else REFERENCES)
+    table = SCENARIOS if distributed else REFERENCES
 
-    results: dict = {"world_size": WORLD if distributed else 1, "scenarios": {}}
+    results: dict = {"distributed": distributed, "scenarios": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in cli.scenarios:
+        for name in todo:
             try:
-                find_unused = {"default": None, "true": True, "false": False}[cli.find_unused]
-                result = run_scenario(name, distributed, os.path.join(tmp, name.replace("/", "_")), find_unused)
+                result = run_scenario(table[name], distributed, os.path.join(tmp, name.replace("/", "_")))
             except Exception:
                 traceback.print_exc()
                 result = {"error": traceback.format_exc()}
+            per_rank = [None] * WORLD if distributed else [result]
             if distributed:
-                per_rank = [None] * WORLD
                 dist.all_gather_object(per_rank, result)
-            else:
-                per_rank = [result]
             if rank == 0:
                 results["scenarios"][name] = per_rank
                 torch.save(results, cli.out + ".tmp")
                 os.replace(cli.out + ".tmp", cli.out)
-                print(f"[ddp_worker] {name}: done", flush=True)
-            if any("error" in r for r in per_rank):
-                break  # a failed collective can leave the process group unusable
+                status = "failed" if any("error" in r for r in per_rank) else "done"
+                print(f"[ddp_worker] {name}: {status}", flush=True)
     if distributed:
         dist.destroy_process_group()
 

@@ -1,0 +1,237 @@
+"""AdversarialTrainer under DistributedDataParallel: 2 CPU processes over gloo, launched with torchrun.
+
+One torchrun launch of tests/ddp_worker.py trains every scenario (each method, with gradient accumulation 1 and 2,
+with the Trainer's default DDP settings and with `ddp_find_unused_parameters=False`, and with the attack skipped on
+rank 1 only); one single-process launch trains the reference of each (same data order, twice the accumulation).
+The tests compare the saved results:
+
+* both ranks end with the same weights, equal to the single-process run's;
+* the gradients are all-reduced once per optimizer step, as often as with `adv_method="none"`, however many
+  backward passes the method runs (a DDP communication hook registered at train begin counts the all-reduces);
+* a step whose attack is skipped on one rank only neither hangs nor changes the result.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+WORKER = TESTS / "ddp_worker.py"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+    ),
+]
+
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+import ddp_worker  # noqa: E402  (the scenario table only; the worker's patches are installed in its own processes)
+
+DDP_TIMEOUT = 300  # seconds, for the whole launch; in the worker each collective also times out after 60 s
+SINGLE_TIMEOUT = 300
+WEIGHT_ATOL = 1e-5
+METRICS_COMPARED = (
+    "loss",
+    "clean_loss",
+    "adv_loss",
+    "vat_loss",
+    "adv_perturbation_norm",
+    "adv_skipped",
+    "vat_skipped",
+)
+TRAININGS = [n for n, s in ddp_worker.SCENARIOS.items() if not s["skip"]]
+ADVERSARIAL = [n for n in TRAININGS if ddp_worker.SCENARIOS[n]["method"] != "none"]
+SKIPPED = [n for n, s in ddp_worker.SCENARIOS.items() if s["skip"]]
+
+
+@dataclass
+class Launch:
+    command: list[str]
+    timeout: float
+    returncode: int | None
+    timed_out: bool
+    output: str
+    scenarios: dict
+
+    def describe(self, lines: int = 40) -> str:
+        tail = "\n".join(self.output.splitlines()[-lines:])
+        state = f"timed out after {self.timeout} s" if self.timed_out else f"exit code {self.returncode}"
+        return f"`{' '.join(self.command)}`: {state}; last output lines:\n{tail}"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "PET_"))}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _launch(args: list[str], out: Path, timeout: float) -> Launch:
+    command = [sys.executable, *args, "--out", str(out)]
+    # A session of its own, so that on timeout the launcher and its workers are killed together.
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        timed_out = True
+    scenarios = torch.load(out, weights_only=True)["scenarios"] if out.exists() else {}
+    return Launch(command, timeout, proc.returncode, timed_out, output, scenarios)
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory) -> tuple[Launch, Launch]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    ddp = _launch(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ddp_worker.WORLD), str(WORKER)],
+        tmp / "ddp.pt",
+        DDP_TIMEOUT,
+    )
+    single = _launch([str(WORKER), "--single"], tmp / "single.pt", SINGLE_TIMEOUT)
+    return ddp, single
+
+
+def _ranks(launch: Launch, name: str) -> list[dict]:
+    if name not in launch.scenarios:
+        pytest.fail(f"scenario {name!r} has no result (hang or crash). {launch.describe()}", pytrace=False)
+    per_rank = launch.scenarios[name]
+    for rank, result in enumerate(per_rank):
+        if "error" in result:
+            pytest.fail(f"{name!r} failed on rank {rank}:\n{result['error']}", pytrace=False)
+    return per_rank
+
+
+def _reference(single: Launch, name: str) -> dict:
+    return _ranks(single, ddp_worker.SCENARIOS[name]["reference"])[0]
+
+
+def _none_of(name: str) -> str:
+    """The `adv_method="none"` scenario with the same accumulation and DDP settings."""
+    scenario = ddp_worker.SCENARIOS[name]
+    return next(
+        n
+        for n, s in ddp_worker.SCENARIOS.items()
+        if s["method"] == "none" and s["ga"] == scenario["ga"] and s["ddp"] == scenario["ddp"] and not s["skip"]
+    )
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _assert_batches_line_up(name: str, per_rank: list[dict], reference: dict) -> None:
+    """Micro-batch i of step k on rank r is micro-batch i * WORLD + r of step k in the single run."""
+    ga, world = ddp_worker.SCENARIOS[name]["ga"], ddp_worker.WORLD
+    assert len(reference["batches"]) == ddp_worker.STEPS * ga * world
+    for rank, result in enumerate(per_rank):
+        assert len(result["batches"]) == ddp_worker.STEPS * ga
+        for j, batch in enumerate(result["batches"]):
+            step, i = divmod(j, ga)
+            assert batch == reference["batches"][step * ga * world + i * world + rank], (
+                f"{name}: rank {rank} micro-batch {j} is not the single run's; the data orders do not line up"
+            )
+
+
+def _assert_matches_reference(name: str, per_rank: list[dict], reference: dict) -> None:
+    _assert_batches_line_up(name, per_rank, reference)
+    for rank, result in enumerate(per_rank):
+        assert result["global_step"] == reference["global_step"] == ddp_worker.STEPS, (name, rank)
+    for key, weight in per_rank[0]["weights"].items():
+        for rank in range(1, len(per_rank)):
+            assert torch.equal(per_rank[rank]["weights"][key], weight), f"{name}: {key} differs on rank {rank}"
+    for key, expected in reference["weights"].items():
+        torch.testing.assert_close(
+            per_rank[0]["weights"][key],
+            expected,
+            atol=WEIGHT_ATOL,
+            rtol=0,
+            msg=lambda m, key=key: f"{name}: {key}: {m}",
+        )
+    # The logged metrics are reduced over ranks, so they equal the single run's means over the same micro-batches.
+    assert len(per_rank[0]["logs"]) == len(reference["logs"]) == ddp_worker.STEPS
+    for step, (logged, expected) in enumerate(zip(per_rank[0]["logs"], reference["logs"])):
+        keys = [k for k in METRICS_COMPARED if k in expected]
+        assert sorted(k for k in METRICS_COMPARED if k in logged) == sorted(keys), (name, step)
+        for key in keys:
+            tolerance = 2e-4 if key == "loss" else 2e-6  # the Trainer rounds the loss to 4 digits, hf_adv to 6
+            assert logged[key] == pytest.approx(expected[key], abs=tolerance, rel=1e-5), (name, step, key)
+
+
+@pytest.mark.parametrize("name", TRAININGS)
+def test_ddp_weights_equal_single_process_accumulation(launches, name):
+    ddp, single = launches
+    per_rank, reference = _ranks(ddp, name), _reference(single, name)
+    _assert_matches_reference(name, per_rank, reference)
+    scenario = ddp_worker.SCENARIOS[name]
+    if scenario["method"] != "none":
+        # The attack ran: the result is not the clean training's, and no attack was skipped.
+        none = _ranks(ddp, _none_of(name))[0]
+        assert _max_diff(per_rank[0]["weights"], none["weights"]) > 1e-3, f"{name} trained as adv_method='none'"
+        vat = ddp_worker.METHODS[scenario["method"]].get("vat_weight", 0) > 0
+        for logged in per_rank[0]["logs"]:
+            assert logged["adv_skipped"] == 0 and "adv_loss" in logged, logged
+            assert not vat or (logged["vat_skipped"] == 0 and "vat_loss" in logged), logged
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL + SKIPPED)
+def test_gradients_all_reduced_once_per_optimizer_step(launches, name):
+    ddp, _ = launches
+    per_rank = _ranks(ddp, name)
+    none = _ranks(ddp, _none_of(name))
+    ga = ddp_worker.SCENARIOS[name]["ga"]
+    for rank, (result, clean) in enumerate(zip(per_rank, none)):
+        assert result["wrapped_at_train_begin"] == "DistributedDataParallel", result["wrapped_at_train_begin"]
+        # Several backward passes per micro-batch ...
+        assert clean["backward_calls"] == ddp_worker.STEPS * ga
+        if not (rank == 1 and ddp_worker.SCENARIOS[name]["skip"]):
+            assert result["backward_calls"] >= 2 * ddp_worker.STEPS * ga, (name, rank, result["backward_calls"])
+        # ... and one all-reduce of the whole gradient per optimizer step, as without an attack.
+        assert clean["hook_bucket0_calls_per_step"] == [1] * ddp_worker.STEPS
+        assert result["hook_bucket0_calls_per_step"] == [1] * ddp_worker.STEPS, (name, rank)
+        assert result["hook_calls"] == clean["hook_calls"], (name, rank, result["hook_calls"], clean["hook_calls"])
+
+
+@pytest.mark.parametrize("name", SKIPPED)
+def test_attack_skipped_on_one_rank_does_not_hang(launches, name):
+    ddp, single = launches
+    # A hang ends in the worker's 60 s collective timeout (or in DDP_TIMEOUT): the scenario then has no result.
+    per_rank, reference = _ranks(ddp, name), _reference(single, name)
+    # The single run skips the same micro-batches (those standing for rank 1), so the results still agree.
+    _assert_matches_reference(name, per_rank, reference)
+    scenario = ddp_worker.SCENARIOS[name]
+    vat = ddp_worker.METHODS[scenario["method"]].get("vat_weight", 0) > 0
+    for logged in per_rank[0]["logs"]:  # totals over both ranks: rank 1 skipped all its micro-batches
+        assert logged["adv_skipped"] == (scenario["ga"] if "adv" in scenario["skip"] else 0), logged
+        if vat:
+            assert logged["vat_skipped"] == (scenario["ga"] if "vat" in scenario["skip"] else 0), logged
+
+
+def test_launches_completed(launches):
+    ddp, single = launches
+    for launch in (ddp, single):
+        assert not launch.timed_out and launch.returncode == 0, launch.describe()
