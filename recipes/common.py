@@ -1,0 +1,553 @@
+"""What `recipes/imdb.py` and `recipes/multilabel.py` share.
+
+- `ModelArguments` and `DataArguments`, and `parse_arguments`: `--flags`, a `.yaml`/`.json` config file, or a
+  config file followed by `--flags` that override it.
+- `load_raw_splits`: train/validation/test as pandas frames, from a Hub dataset (`load_dataset`), local CSV, TSV,
+  JSON Lines or Parquet files (compressed or not), or an `aclImdb`-style folder tree (`train/pos/*.txt`).
+  Every check on the data happens here or in the recipe's label encoding, before any model is loaded, and a
+  `DataError` names the file, the column or the row and what was expected.
+- `carve_validation` and `sample`: validation split and `--max_*_samples` drawn with a fixed `--split_seed`, so
+  every training seed and every method sees the same examples.
+- `check_output_dir`: an `output_dir` holding checkpoints is resumed (`--resume_from_checkpoint`) or refused, any
+  other non-empty one is refused: nothing a user already has is overwritten.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import transformers
+import yaml
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# Local formats, by file extension (after any compression suffix).
+TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
+BR_TAG = re.compile(r"(\s*<br\s*/?>\s*)+", flags=re.IGNORECASE)
+
+
+class RecipeError(ValueError):
+    """A problem with what the user gave (arguments, data, output_dir), found before training; the recipes print
+    its message without a traceback."""
+
+
+class DataError(RecipeError):
+    """Bad input data: the message names the file, column or row and what was expected."""
+
+
+# -- arguments --------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A checkpoint on the Hub or a local folder, loaded with AutoModelForSequenceClassification."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer to load, if not the one of model_name_or_path."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache models and datasets from the Hub."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
+    token: str | None = field(default=None, metadata={"help": "Hub token, for private models or datasets."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models that run their own code from the Hub."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Replace a checkpoint's classifier head whose number of labels differs from this task's."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Dataset on the Hub, read with load_dataset; ignored when --train_file is given."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Local training data: .csv, .tsv, .jsonl/.json (JSON Lines) or .parquet, optionally .gz."},
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={"help": "Local validation data; when absent, a validation split is carved from train."},
+    )
+    test_file: str | None = field(default=None, metadata={"help": "Local test data, predicted at the end."})
+    column_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated names for the columns of CSV/TSV files that have no header row (the first row "
+            "is then data), e.g. 'text,labels,id' for the GoEmotions TSV files."
+        },
+    )
+    text_column_name: str | None = field(
+        default=None, metadata={"help": "Column holding the text; default: the first of 'text', 'review', 'sentence'."}
+    )
+    id_column_name: str | None = field(
+        default=None, metadata={"help": "Column copied into the predictions file; default: 'id' when present."}
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated class names, in label-id order (label id i is the i-th name)."},
+    )
+    class_names_file: str | None = field(
+        default=None, metadata={"help": "File with one class name per line, in label-id order (e.g. labels.txt)."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Texts are truncated to this many tokens."})
+    clean_br_tags: bool = field(default=True, metadata={"help": "Replace HTML line breaks (<br />) by spaces."})
+    validation_split_percentage: float = field(
+        default=10.0,
+        metadata={"help": "Percentage of train held out for validation when there is no validation split."},
+    )
+    split_seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seed of the validation carve and of the --max_*_samples draws; independent of --seed, so that "
+            "runs with different training seeds or methods see the same examples."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on this many examples, drawn with --split_seed."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validate on this many examples, drawn with --split_seed."}
+    )
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Predict this many test examples, drawn with --split_seed."}
+    )
+
+    def __post_init__(self):
+        if self.validation_file and not self.train_file:
+            raise RecipeError("--validation_file needs --train_file as well.")
+        if self.test_file and not self.train_file:
+            raise RecipeError("--test_file needs --train_file as well.")
+        if not 0 < self.validation_split_percentage < 100:
+            raise RecipeError(
+                f"--validation_split_percentage must be between 0 and 100, got {self.validation_split_percentage}."
+            )
+        if self.class_names and self.class_names_file:
+            raise RecipeError("Give --class_names or --class_names_file, not both.")
+        if self.max_seq_length < 1:
+            raise RecipeError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecipeError(f"--{name} must be >= 1, got {value}.")
+
+    def read_class_names(self) -> list[str] | None:
+        if self.class_names:
+            return [name.strip() for name in self.class_names.split(",") if name.strip()]
+        if self.class_names_file:
+            path = Path(self.class_names_file)
+            if not path.is_file():
+                raise DataError(f"--class_names_file {path}: no such file.")
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not names:
+                raise DataError(f"{path} is empty: expected one class name per line.")
+            return names
+        return None
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """Parse `--flags` into the dataclasses. A first argument ending in .yaml, .yml or .json is a config file whose
+    keys are the flags without `--`; flags after it override it."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        config_path = Path(argv.pop(0))
+        if not config_path.is_file():
+            raise RecipeError(f"Config file {config_path} does not exist.")
+        with open(config_path, encoding="utf-8") as f:
+            config = (json.load(f) if config_path.suffix == ".json" else yaml.safe_load(f)) or {}
+        if not isinstance(config, dict):
+            raise RecipeError(
+                f"{config_path}: expected a mapping of flag names to values, got {type(config).__name__}."
+            )
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise RecipeError(f"{config_path}: unknown keys {unknown}; run with --help to list the flags.")
+        # Values from the file become argparse defaults: a flag on the command line still wins, and string values
+        # go through the flag's type (YAML reads `5e-5` as a string).
+        parser.set_defaults(**config)
+        for action in parser._actions:
+            if action.dest in config:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup_logging(training_args) -> None:
+    """Log at INFO on the main process and at `log_level_replica` (warning) on the others."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = logging.INFO if training_args.should_log else training_args.get_process_log_level()
+    for name in ("__main__", __name__):
+        logging.getLogger(name).setLevel(log_level)
+    transformers_level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(transformers_level)
+    transformers.utils.logging.set_verbosity(transformers_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    # Tokenizing in-memory frames is quick: the bars would only repeat the log.
+    datasets.disable_progress_bars()
+
+
+def adjust_training_args(training_args) -> None:
+    """Refuse label smoothing with an adversarial method, before training rather than at the first step: when it
+    smooths labels, `Trainer.compute_loss` pops them out of the batch, and the adversarial forward passes on the same
+    batch then find none (to be fixed in hf_adv)."""
+    if training_args.adversarial and training_args.label_smoothing_factor > 0:
+        raise RecipeError(
+            f"--label_smoothing_factor {training_args.label_smoothing_factor} does not work yet with adversarial "
+            "training (adv_method or vat_weight): drop it, or train with --adv_method none --vat_weight 0."
+        )
+
+
+# -- output_dir -------------------------------------------------------------------------------------------------------
+def check_output_dir(training_args) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run; raises rather than overwrite anything.
+
+    - no `output_dir`, or an empty one: a fresh run;
+    - `--resume_from_checkpoint PATH`: resume from PATH;
+    - `--resume_from_checkpoint true` (or `last`): resume from the last `checkpoint-*` in `output_dir`;
+    - checkpoints but no `--resume_from_checkpoint`, or other files in `output_dir`: refused.
+    """
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() not in ("true", "last"):
+        if not Path(resume).is_dir():
+            raise RecipeError(f"--resume_from_checkpoint {resume}: no such checkpoint folder.")
+        return resume
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume is not None:
+        if last is None:
+            raise RecipeError(
+                f"--resume_from_checkpoint {resume}: there is no checkpoint-* folder in {output_dir} to resume from."
+            )
+        return last
+    if last is not None:
+        raise RecipeError(
+            f"output_dir {output_dir} already holds checkpoints (last: {Path(last).name}). Resume that run with "
+            "--resume_from_checkpoint true, or choose a new --output_dir; nothing was overwritten."
+        )
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        raise RecipeError(
+            f"output_dir {output_dir} exists and is not empty; choose a new --output_dir, nothing was overwritten."
+        )
+    return None
+
+
+# -- reading data -----------------------------------------------------------------------------------------------------
+@dataclass
+class RawSplit:
+    """One split as read, before any label encoding: the frame and where it came from, for error messages."""
+
+    frame: pd.DataFrame
+    source: str
+    header: bool = False
+    row_sources: list[str] | None = None  # one file per row, for folder layouts
+
+    def where(self, index: int) -> str:
+        """Where row `index` (0-based, in the frame as read) is, in words a user can look up."""
+        if self.row_sources is not None:
+            return self.row_sources[index]
+        suffix = " (not counting the header)" if self.header else ""
+        return f"{self.source}, row {index + 1}{suffix}"
+
+
+def table_format(path: str) -> str:
+    name = Path(path).name.lower()
+    for compression in COMPRESSIONS:
+        if name.endswith(compression):
+            name = name[: -len(compression)]
+    suffix = Path(name).suffix
+    if suffix not in TABLE_FORMATS:
+        raise DataError(
+            f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; expected one of "
+            f"{', '.join(TABLE_FORMATS)} (optionally followed by {', '.join(COMPRESSIONS)})."
+        )
+    return TABLE_FORMATS[suffix]
+
+
+def read_table(path: str, column_names: list[str] | None = None) -> RawSplit:
+    """Read one local file. CSV and TSV cells are read as strings, so no value ('NA', '007') is reinterpreted."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file.")
+    fmt = table_format(path)
+    if Path(path).stat().st_size == 0:
+        raise DataError(f"{path} is empty: expected a {fmt.upper()} file with one example per row.")
+    header = fmt in ("csv", "tsv") and column_names is None
+    try:
+        if fmt in ("csv", "tsv"):
+            frame = pd.read_csv(
+                path,
+                sep="," if fmt == "csv" else "\t",
+                # TSV files (GoEmotions among them) do not quote: a quote character is part of the text.
+                quoting=0 if fmt == "csv" else 3,
+                header=0 if header else None,
+                names=column_names,
+                dtype=str,
+                keep_default_na=False,
+            )
+        elif fmt in ("jsonl", "json"):
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError as error:
+        raise DataError(f"{path} is empty: expected a {fmt.upper()} file with one example per row.") from error
+    except Exception as error:  # pandas raises many types; all mean the file is not what its extension says
+        hint = " (one JSON object per line)" if fmt in ("jsonl", "json") else ""
+        raise DataError(f"{path}: could not be read as {fmt.upper()}{hint}: {error}") from error
+    if len(frame) == 0:
+        raise DataError(f"{path} has a header but no data rows: expected at least one example.")
+    frame.columns = [str(column) for column in frame.columns]
+    return RawSplit(frame.reset_index(drop=True), source=path, header=header)
+
+
+def read_folder_split(split_dir: Path, skip: tuple[str, ...] = ("unsup",)) -> RawSplit:
+    """An `aclImdb`-style split: one subfolder per class (`pos/`, `neg/`), one `.txt` file per example; the folder
+    name is the label and the file name (`123_8.txt`: review 123, 8 stars) the id."""
+    texts, labels, ids, sources = [], [], [], []
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and d.name not in skip)
+    if not class_dirs:
+        raise DataError(f"{split_dir}: expected one subfolder of .txt files per class (e.g. pos/, neg/), found none.")
+    for class_dir in class_dirs:
+        files = sorted(class_dir.glob("*.txt"))
+        if not files:
+            raise DataError(f"{class_dir}: expected .txt files, one example each; the folder has none.")
+        for path in files:
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+            labels.append(class_dir.name)
+            ids.append(path.stem)
+            sources.append(str(path))
+    frame = pd.DataFrame({"id": ids, "text": texts, "label": labels})
+    return RawSplit(frame, source=str(split_dir), row_sources=sources)
+
+
+def load_raw_splits(data_args: DataArguments, model_args: ModelArguments) -> tuple[dict[str, RawSplit], object]:
+    """The splits ('train', and 'validation'/'test' when there are) and, for a Hub dataset, its features."""
+    column_names = [c.strip() for c in data_args.column_names.split(",")] if data_args.column_names else None
+    data_dir = getattr(data_args, "data_dir", None)
+    if data_args.train_file:
+        files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+        return {split: read_table(path, column_names) for split, path in files.items() if path}, None
+    if data_dir:
+        root = Path(data_dir)
+        if (root / "aclImdb").is_dir():
+            root = root / "aclImdb"
+        if not (root / "train").is_dir():
+            raise DataError(f"--data_dir {data_dir}: expected a train/ folder (and test/), as in aclImdb/.")
+        splits = {"train": read_folder_split(root / "train")}
+        for split, folder in (("validation", "validation"), ("validation", "dev"), ("test", "test")):
+            if split not in splits and (root / folder).is_dir():
+                splits[split] = read_folder_split(root / folder)
+        return splits, None
+    if not data_args.dataset_name:
+        raise RecipeError("Give --dataset_name, --train_file or --data_dir: there is no data to train on.")
+    try:
+        raw = datasets.load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
+    except ConnectionError as error:
+        raise RecipeError(
+            f"Could not load {data_args.dataset_name} from the Hub ({error}). Without Hub access, give local data: "
+            "--train_file (CSV, TSV, JSON Lines, Parquet)"
+            + (" or --data_dir" if hasattr(data_args, "data_dir") else "")
+        ) from error
+    if "train" not in raw:
+        raise DataError(f"{data_args.dataset_name} has no 'train' split; its splits are {list(raw)}.")
+    splits = {}
+    for split, names in (("train", ("train",)), ("validation", ("validation", "dev")), ("test", ("test",))):
+        name = next((n for n in names if n in raw), None)
+        if name is not None:
+            splits[split] = RawSplit(raw[name].to_pandas(), source=f"{data_args.dataset_name} [{name} split]")
+    return splits, raw["train"].features
+
+
+def resolve_column(raw: RawSplit, requested: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:
+    """The column to use: `requested` if given, else the first candidate present; a DataError names the columns."""
+    columns = list(raw.frame.columns)
+    if requested is not None:
+        if requested not in columns:
+            raise DataError(
+                f"{raw.source}: no {what} column {requested!r}; the columns are {columns}. Set {flag} to one of them."
+            )
+        return requested
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    raise DataError(
+        f"{raw.source}: no {what} column; looked for {list(candidates)}, the columns are {columns}. "
+        f"Set {flag} to the right one (or --column_names for a file without a header row)."
+    )
+
+
+def clean_texts(raw: RawSplit, column: str, clean_br_tags: bool) -> list[str]:
+    """The texts of a split; a missing or empty text is an error naming its row."""
+    texts = []
+    for index, value in enumerate(raw.frame[column].tolist()):
+        if not isinstance(value, str) or not value.strip():
+            shown = "missing" if value is None or (isinstance(value, float) and pd.isna(value)) else repr(value)
+            raise DataError(f"{raw.where(index)}: text column {column!r} is {shown}; expected a non-empty text.")
+        texts.append(BR_TAG.sub(" ", value) if clean_br_tags else value)
+    return texts
+
+
+def parse_int(value) -> int | None:
+    """`value` as an integer label id if it is one (3, 3.0, '3'), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (hasattr(value, "dtype") and getattr(value.dtype, "kind", "") in "iu"):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def parse_list(value) -> list | None:
+    """A cell that holds a list, as a list: a real list/array, '[3, 17]', '["joy", "anger"]'; else None."""
+    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1):
+        return list(value.tolist() if hasattr(value, "tolist") else value)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            return None
+        return list(parsed) if isinstance(parsed, (list, tuple)) else None
+    return None
+
+
+# -- splits and samples -----------------------------------------------------------------------------------------------
+def carve_validation(frame: pd.DataFrame, percentage: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation), validation being `percentage`% of the rows drawn with `seed`."""
+    size = max(1, round(len(frame) * percentage / 100))
+    if size >= len(frame):
+        raise DataError(
+            f"The training data has {len(frame)} rows: too few to hold out {percentage}% for validation. "
+            "Give --validation_file or more training rows."
+        )
+    validation = frame.sample(n=size, random_state=seed)
+    return frame.drop(index=validation.index), validation
+
+
+def sample(frame: pd.DataFrame, max_samples: int | None, seed: int) -> pd.DataFrame:
+    """`max_samples` rows drawn with `seed` (the rows of sorted files are not a sample), or all rows in order."""
+    if max_samples is None or max_samples >= len(frame):
+        return frame
+    return frame.sample(n=max_samples, random_state=seed)
+
+
+def finish_splits(frames: dict[str, pd.DataFrame], data_args: DataArguments) -> dict[str, pd.DataFrame]:
+    """Carve validation from train when there is none, then apply --max_train/eval/predict_samples."""
+    if "validation" not in frames:
+        frames["train"], frames["validation"] = carve_validation(
+            frames["train"], data_args.validation_split_percentage, data_args.split_seed
+        )
+        logger.info(
+            f"Held out {len(frames['validation'])} training rows for validation (seed {data_args.split_seed})."
+        )
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_predict_samples,
+    }
+    return {split: sample(frame, limits[split], data_args.split_seed) for split, frame in frames.items()}
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, **config_kwargs):
+    """(model, tokenizer): AutoModelForSequenceClassification with `config_kwargs` (labels, problem type) set."""
+    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    remote = {"trust_remote_code": model_args.trust_remote_code}
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **config_kwargs, **remote, **hub)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path, **remote, **hub
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **remote,
+        **hub,
+    )
+    return model, tokenizer
+
+
+def tokenize(dataset: datasets.Dataset, tokenizer, max_seq_length: int) -> datasets.Dataset:
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=max_seq_length)
+
+    return dataset.map(encode, batched=True, remove_columns=["text"])
+
+
+# -- reporting --------------------------------------------------------------------------------------------------------
+def describe_splits(frames: dict[str, pd.DataFrame]) -> str:
+    return ", ".join(f"{split} {len(frames[split])}" for split in ("train", "validation", "test") if split in frames)
+
+
+def describe_training(train_result, seed: int) -> str:
+    metrics = train_result.metrics
+    return (
+        f"{train_result.global_step} steps, {metrics.get('epoch', 0):.2f} epochs, seed {seed}, "
+        f"{format_duration(metrics['train_runtime'])}"
+    )
+
+
+def describe_outputs(output_dir: str, predict_split: str) -> str:
+    return f"{output_dir}: model, tokenizer, all_results.json, predictions_{predict_split}.csv"
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+def print_summary(title: str, lines: list[str]) -> None:
+    """Print once: the caller runs it on the main process only."""
+    width = max(len(title), *(len(line) for line in lines)) + 4
+    print("\n" + f" {title} ".center(width, "="))
+    for line in lines:
+        print(f"  {line}")
+    print("=" * width, flush=True)
+
+
+def describe_method(training_args) -> str:
+    """The adversarial set-up in one phrase, for the summary."""
+    args = training_args
+    parts = []
+    if args.adv_method in ("fgm", "fgsm"):
+        parts.append(f"{args.adv_method} (epsilon {args.adv_epsilon})")
+    elif args.adv_method == "pgd":
+        parts.append(f"pgd (epsilon {args.adv_epsilon}, alpha {args.adv_alpha}, {args.adv_steps} steps)")
+    elif args.adv_method == "awp":
+        parts.append(f"awp (lr {args.awp_lr}, eps {args.awp_eps})")
+    if args.vat_weight > 0:
+        parts.append(f"vat (weight {args.vat_weight}, epsilon {args.vat_epsilon})")
+    if not parts:
+        return "none (plain fine-tuning)"
+    start = args.resolved_start_epoch
+    if start > 0 or args.adv_start_step > 0:
+        parts.append(f"from epoch {start:g}" + (f" and step {args.adv_start_step}" if args.adv_start_step else ""))
+    return " + ".join(parts)
+
+
+def rows_of(frame: pd.DataFrame) -> list[int]:
+    """1-based row numbers of the examples in the source, carried through sampling to the predictions file."""
+    return [int(index) + 1 for index in frame.index]
