@@ -1,0 +1,264 @@
+"""Robustness evaluation: the attacks really attack, the minimal perturbation is where the prediction flips, the word
+attack keeps to words and to its budget, and evaluation leaves the model as it found it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+from conftest import VOCAB, state, tiny_config, training_args
+from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding
+
+from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+from hf_adv.robustness import RobustnessEvaluator, adversarial_accuracy, build_dataloader, evaluate_robustness, main
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "[unused1]"]
+WORDS = [f"w{i}" for i in range(len(SPECIAL), 89)]
+FRAGMENTS = [f"##f{i}" for i in range(89, VOCAB)]
+EPSILONS = [0.01, 0.03, 0.06, 0.12]
+MAX_EPSILON = 1.0
+
+
+def synthetic_rows(n: int, seed: int) -> list[dict]:
+    """Two classes drawing their words from overlapping halves of the vocabulary; some words carry a fragment."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        label = int(torch.randint(0, 2, (1,), generator=g))
+        low, high = (7, 51) if label == 0 else (45, 89)
+        words = []
+        for i in torch.randint(low, high, (int(torch.randint(6, 13, (1,), generator=g)),), generator=g).tolist():
+            fragment = FRAGMENTS[int(torch.randint(0, len(FRAGMENTS), (1,), generator=g))][2:]
+            words.append(f"w{i}{fragment}" if torch.rand(1, generator=g) < 0.15 else f"w{i}")
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(SPECIAL + WORDS + FRAGMENTS) + "\n")
+    return BertTokenizer(str(path), do_lower_case=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """The tiny BERT trained for 60 steps on the synthetic task, far above chance. The word embeddings stay frozen,
+    as fine-tuning barely moves pretrained ones: their neighbourhoods then mix the classes, as real ones do."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config())
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    rows = synthetic_rows(640, seed=0)
+    encoded = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    labels = torch.tensor([r["label"] for r in rows])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(60):
+        index = torch.arange(step * 32, step * 32 + 32) % len(rows)
+        loss = model(
+            input_ids=encoded["input_ids"][index],
+            attention_mask=encoded["attention_mask"][index],
+            labels=labels[index],
+        ).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_rows():
+    return synthetic_rows(96, seed=1)
+
+
+@pytest.fixture(scope="module")
+def metrics(trained, tokenizer, test_rows):
+    return evaluate_robustness(
+        trained, test_rows, tokenizer, epsilons=EPSILONS, max_epsilon=MAX_EPSILON, word_budget=0.3, disable_tqdm=True
+    )
+
+
+def a_batch(tokenizer, rows):
+    return DataCollatorWithPadding(tokenizer)([{**tokenizer(r["text"]), "labels": r["label"]} for r in rows])
+
+
+def test_embedding_attacks_attack(metrics):
+    assert metrics["num_examples"] == 96
+    assert metrics["clean_accuracy"] > 0.9
+    pgd = [metrics[f"pgd_accuracy@{e:g}"] for e in EPSILONS]
+    fgm = [metrics[f"fgm_accuracy@{e:g}"] for e in EPSILONS]
+    assert pgd[-1] < metrics["clean_accuracy"] - 0.3, pgd
+    assert all(a >= b for a, b in zip(pgd, pgd[1:])), pgd  # non-increasing in epsilon
+    assert pgd[0] > pgd[-1]  # and it does fall
+    assert all(p <= f for p, f in zip(pgd, fgm)), (pgd, fgm)  # PGD at least as strong as FGM
+    assert any(p < f for p, f in zip(pgd, fgm)), (pgd, fgm)
+
+
+def test_perturbations_stay_in_the_ball_and_off_padding(trained, tokenizer, test_rows):
+    evaluator = RobustnessEvaluator(trained, epsilons=[0.06], attacks=["fgm", "pgd"])
+    batch = a_batch(tokenizer, test_rows[:24])
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    seen = []
+    shifted = evaluator.tap.shifted
+
+    def recording(delta):
+        seen.append(delta.detach().clone())
+        return shifted(delta)
+
+    evaluator.tap.shifted = recording
+    evaluator.pgd(batch, 0.06)
+    assert len(seen) >= evaluator.pgd_steps
+    full = [d for d in seen if d.shape[0] == 24]
+    assert any(torch.allclose(d.flatten(1).norm(dim=1), torch.full((24,), 0.06)) for d in full)  # FGM: on the sphere
+    for delta in seen:
+        assert torch.all(delta.flatten(1).norm(dim=1) <= 0.06 * (1 + 1e-5))
+    for delta in full:
+        assert torch.all(delta[padding] == 0)
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["bisection", "seeded-by-pgd-grid"])
+def test_minimal_perturbation_is_where_the_prediction_flips(trained, tokenizer, test_rows, metrics, seeded):
+    attacks = ["pgd", "min_perturbation"] if seeded else ["min_perturbation"]
+    evaluator = RobustnessEvaluator(trained, epsilons=EPSILONS, attacks=attacks, max_epsilon=MAX_EPSILON)
+    batch = a_batch(tokenizer, test_rows[:24])
+    result = evaluator.minimal_perturbation(batch)
+    upper, lower = result["upper"], result["lower"]
+    flipped = torch.isfinite(upper)
+    assert flipped.float().mean() > 0.9
+    assert torch.all(upper[flipped] - lower[flipped] <= MAX_EPSILON / 2**evaluator.bisection_steps + 1e-6)
+    assert torch.all(evaluator.prediction_flips(batch, torch.where(flipped, upper, MAX_EPSILON))[flipped])  # above
+    assert not torch.any(evaluator.prediction_flips(batch, lower))  # just below
+    if seeded:  # the bracket from the grid gives the same answer within the precision
+        plain = RobustnessEvaluator(trained, attacks=["min_perturbation"], max_epsilon=MAX_EPSILON)
+        other = plain.minimal_perturbation(batch)["upper"]
+        assert (other - upper).abs().max() <= 2 * MAX_EPSILON / 2**evaluator.bisection_steps + 1e-6
+    # The data set summary is in the range of the per-example values.
+    assert 0 < metrics["min_perturbation_median"] < MAX_EPSILON
+    assert metrics["min_perturbation_unflipped"] < 0.1
+
+
+def test_word_attack_keeps_special_tokens_and_budget(trained, tokenizer, test_rows, metrics):
+    evaluator = RobustnessEvaluator(trained, tokenizer, attacks=["word"], word_budget=2)
+    batch = a_batch(tokenizer, test_rows[:48])
+    result = evaluator.word_attack(batch)
+    again = evaluator.word_attack(batch)
+    assert torch.equal(result.input_ids, again.input_ids)  # deterministic
+    original = batch["input_ids"]
+    changed = result.input_ids != original
+    assert torch.equal(changed, result.changed)
+    assert changed.any()
+    assert torch.all(changed.sum(1) <= 2) and torch.all(result.budget <= 2)
+    special = torch.tensor(tokenizer.all_special_ids + [5, 6])  # [unused0], [unused1]
+    fragment = original >= 89
+    assert not torch.isin(original[changed], special).any()  # never replaces a special token
+    assert not torch.isin(result.input_ids[changed], special).any()  # nor inserts one
+    assert not fragment[changed].any() and not (result.input_ids[changed] >= 89).any()  # nor fragments
+    followed_by_fragment = torch.zeros_like(changed)
+    followed_by_fragment[:, :-1] = fragment[:, 1:]
+    assert not (changed & followed_by_fragment).any()  # only whole words
+    assert torch.equal(result.input_ids[~result.attacked], original[~result.attacked])
+    assert 0 < metrics["word_attack_success_rate"] <= 1
+    assert metrics["word_attack_accuracy"] <= metrics["clean_accuracy"]
+    assert 0 < metrics["word_attack_fraction_changed"] <= 0.3 + 1e-9
+
+
+def test_evaluation_leaves_the_model_as_found(trained, tokenizer, test_rows):
+    model = trained
+    before = state(model)
+    model.train()
+    model.bert.encoder.layer[0].eval()  # a mixed state is restored module by module
+    model.classifier.weight.requires_grad_(False)
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    try:
+        evaluate_robustness(
+            model, test_rows[:16], tokenizer, epsilons=[1.0], bisection_steps=2, word_budget=2, disable_tqdm=True
+        )
+        assert [m.training for m in model.modules()] == modes
+        assert torch.equal(torch.get_rng_state(), rng)  # a trainer's dropout after evaluation is not shifted
+        assert not model.classifier.weight.requires_grad
+        assert all(p.requires_grad for n, p in model.named_parameters() if n != "classifier.weight")
+        assert all(p.grad is None for p in model.parameters())
+        after = state(model)
+        assert all(torch.equal(after[n], before[n]) for n in before)
+        for hooks in (m._forward_hooks for m in model.modules()):
+            assert not hooks
+    finally:
+        model.eval()
+        model.classifier.weight.requires_grad_(True)
+
+
+def test_multi_label(tokenizer, test_rows):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(num_labels=3, problem_type="multi_label_classification"))
+    rows = [
+        {"text": r["text"], "labels": [r["label"], 2] if i % 2 else str(r["label"])} for i, r in enumerate(test_rows)
+    ]
+    result = evaluate_robustness(
+        model, rows[:32], tokenizer, label_column="labels", epsilons=[0.03, 0.12], bisection_steps=3, disable_tqdm=True
+    )
+    assert 0 <= result["pgd_accuracy@0.12"] <= result["pgd_accuracy@0.03"] <= result["clean_accuracy"] <= 1
+    assert result["pgd_accuracy@0.12"] <= result["fgm_accuracy@0.12"]
+    assert 0 <= result["word_attack_success_rate"] <= 1 and 0 <= result["min_perturbation_unflipped"] <= 1
+
+
+def test_adversarial_accuracy_matches_full_evaluation(trained, tokenizer, test_rows, metrics):
+    loader = build_dataloader(test_rows, tokenizer, batch_size=32)
+    result = adversarial_accuracy(trained, loader, [0.03, 0.06], disable_tqdm=True)
+    assert result == {
+        "adv_accuracy@0.03": metrics["pgd_accuracy@0.03"],
+        "adv_accuracy@0.06": metrics["pgd_accuracy@0.06"],
+    }
+
+
+def test_cli_writes_json_table_and_plot(tmp_path, trained, tokenizer, test_rows):
+    import pandas as pd
+
+    trained.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    pd.DataFrame(test_rows[:24]).to_csv(tmp_path / "test.csv", index=False)
+    common = ["--dataset", str(tmp_path / "test.csv"), "--epsilons", "0.03", "0.12", "--bisection_steps", "2"]
+    common += ["--word_budget", "2", "--disable_tqdm", "true"]
+    main(
+        ["--model_paths", str(tmp_path / "model"), "--model_names", "a", "--output_dir", str(tmp_path / "a"), *common]
+    )
+    main(
+        ["--model_paths", str(tmp_path / "model"), "--model_names", "b", "--num_examples", "12"]
+        + ["--results", str(tmp_path / "a" / "robustness.json"), "--output_dir", str(tmp_path / "ab"), *common]
+    )
+    report = json.loads((tmp_path / "ab" / "robustness.json").read_text())["models"]
+    assert list(report) == ["a", "b"] and report["a"]["num_examples"] == 24 and report["b"]["num_examples"] == 12
+    table = (tmp_path / "ab" / "robustness.md").read_text().splitlines()
+    assert len(table) == 6 and "PGD-5 eps 0.12" in table[0] and table[-1].startswith("Accuracy, ")
+    assert (tmp_path / "ab" / "robustness.png").stat().st_size > 1000
+    assert not math.isnan(report["b"]["word_attack_success_rate"])
+
+
+@pytest.mark.skipif(
+    "robust_eval_epsilons" not in {f.name for f in fields(AdversarialTrainingArguments)},
+    reason="AdversarialTrainingArguments has no robust_eval_epsilons yet",
+)
+def test_trainer_evaluate_reports_accuracy_under_attack(tmp_path, trained, tokenizer, test_rows):
+    dataset = [{**tokenizer(r["text"]), "labels": r["label"]} for r in test_rows[:32]]
+    args = training_args(tmp_path, robust_eval_epsilons=[0.03, 0.12], per_device_eval_batch_size=16)
+    trainer = AdversarialTrainer(
+        model=trained, args=args, eval_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer)
+    )
+    before = state(trained)
+    result = trainer.evaluate()
+    assert result["eval_adv_accuracy@0.12"] < result["eval_adv_accuracy@0.03"] <= 1
+    assert any("eval_adv_accuracy@0.12" in h for h in trainer.state.log_history)
+    assert all(torch.equal(v, before[n]) for n, v in state(trained).items())
