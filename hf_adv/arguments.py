@@ -71,6 +71,17 @@ class AdversarialTrainingArguments(TrainingArguments):
     vat_epsilon: float = field(default=1.0, metadata={"help": "VAT: L2 size of the perturbation per example."})
     vat_xi: float = field(default=10.0, metadata={"help": "VAT: size of the probe direction in power iteration."})
     vat_iterations: int = field(default=1, metadata={"help": "VAT: number of power iterations."})
+    # -- robustness in evaluate() -----------------------------------------------------------------------------------
+    robust_eval_epsilons: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate() also reports accuracy (micro-F1 for multi-label) under a PGD attack on the embedding "
+            "output at each of these L2 radii per example, as eval_adv_accuracy@{eps}. Default: none."
+        },
+    )
+    robust_eval_steps: int = field(
+        default=5, metadata={"help": "PGD iterates of the robust_eval_epsilons attack (1 is FGM)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,7 +99,10 @@ class AdversarialTrainingArguments(TrainingArguments):
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")
-        for name in ("adv_steps", "vat_iterations"):
+        for epsilon in self.robust_eval_epsilons or ():
+            if not epsilon > 0:
+                raise ValueError(f"robust_eval_epsilons must all be > 0, got {self.robust_eval_epsilons}.")
+        for name in ("adv_steps", "vat_iterations", "robust_eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not self.vat_weight >= 0:

@@ -26,6 +26,7 @@ from .arguments import AdversarialTrainingArguments
 from .embedding import unwrap_model
 from .losses import MULTI_LABEL, SINGLE_LABEL, has_missing_labels, infer_problem_type, masked_classification_loss
 from .methods import VAT, AdversarialMethod, get_method_class
+from .robustness import adversarial_accuracy
 
 logger = logging.get_logger(__name__)
 
@@ -279,6 +280,28 @@ class AdversarialTrainer(Trainer):
         return vat_loss
 
     # -- logging -----------------------------------------------------------------------------------------------------
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The parent's loop; in `evaluate()` (not `predict()`), with `robust_eval_epsilons` set, also the accuracy
+        under a PGD attack on the same data, as `{prefix}_adv_accuracy@{eps}`. The attack computes no parameter
+        gradient and writes no weight; each process attacks its shard and the counts are gathered."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        epsilons = self.args.robust_eval_epsilons
+        if epsilons and description == "Evaluation":
+            attacked = adversarial_accuracy(
+                self.model,
+                dataloader,
+                epsilons,
+                steps=self.args.robust_eval_steps,
+                embedding_name=self.args.adv_embedding_name,
+                gather=self.accelerator.gather_for_metrics,
+                disable_tqdm=self.args.disable_tqdm or not self.is_local_process_zero(),
+            )
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in attacked.items()})
+        return output
+
     def _record(self, name: str, value: torch.Tensor | None) -> None:
         if value is not None:
             self._adv_metrics[name].append(value.detach().float().reshape(()))

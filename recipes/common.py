@@ -551,3 +551,76 @@ def describe_method(training_args) -> str:
 def rows_of(frame: pd.DataFrame) -> list[int]:
     """1-based row numbers of the examples in the source, carried through sampling to the predictions file."""
     return [int(index) + 1 for index in frame.index]
+
+
+# -- robustness report ------------------------------------------------------------------------------------------------
+@dataclass
+class RobustnessReportArguments:
+    robustness_report: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, run the full robustness evaluation (hf_adv.robustness: FGM/PGD accuracy at "
+            "--robustness_epsilons, minimal perturbation, word-substitution attack) on the test split (validation "
+            "if there is none) and write robustness.{json,md,png} to output_dir. Runs on the main process only."
+        },
+    )
+    robustness_epsilons: list[float] = field(
+        default_factory=lambda: [0.1, 0.25, 0.5],
+        metadata={"help": "L2 radii per example on the embedding output for the FGM and PGD attacks."},
+    )
+    robustness_max_samples: int | None = field(
+        default=1000, metadata={"help": "Examples attacked, sampled with --split_seed; all of them if unset."}
+    )
+
+    def __post_init__(self):
+        if any(not epsilon > 0 for epsilon in self.robustness_epsilons):
+            raise RecipeError(f"--robustness_epsilons must all be > 0, got {self.robustness_epsilons}.")
+        if self.robustness_max_samples is not None and self.robustness_max_samples < 1:
+            raise RecipeError(f"--robustness_max_samples must be >= 1, got {self.robustness_max_samples}.")
+
+
+def robustness_report(
+    trainer,
+    frame: pd.DataFrame,
+    label_column: str,
+    args: RobustnessReportArguments,
+    *,
+    max_length: int,
+    seed: int,
+    name: str,
+) -> dict | None:
+    """The robustness evaluation of the trained model on `frame` (main process only); returns its metrics and writes
+    `robustness.{json,md,png}` beside the model, so that several runs' reports can be merged with
+    `python -m hf_adv.robustness --results run1/robustness.json run2/robustness.json --output_dir ...`."""
+    if not args.robustness_report or not trainer.is_world_process_zero():
+        return None
+    from hf_adv.robustness import evaluate_robustness, write_report
+
+    if args.robustness_max_samples is not None and args.robustness_max_samples < len(frame):
+        frame = frame.sample(n=args.robustness_max_samples, random_state=seed)
+    rows = [{"text": text, "label": label} for text, label in zip(frame["text"], frame[label_column])]
+    metrics = evaluate_robustness(
+        trainer.model,
+        rows,
+        trainer.processing_class,
+        max_length=max_length,
+        batch_size=trainer.args.per_device_eval_batch_size,
+        epsilons=args.robustness_epsilons,
+        embedding_name=trainer.args.adv_embedding_name,
+        seed=seed,
+        disable_tqdm=trainer.args.disable_tqdm,
+        description=f"robustness of {name}",
+    )
+    write_report({name: metrics}, trainer.args.output_dir)
+    return metrics
+
+
+def describe_robustness(metrics: dict, metric: str = "accuracy") -> str:
+    """The robustness report in one line, for the summary."""
+    pgd = [f"{key.split('@')[1]}: {value:.4f}" for key, value in metrics.items() if key.startswith("pgd_accuracy@")]
+    return (
+        f"clean {metric} {metrics['clean_accuracy']:.4f}; under PGD at eps "
+        + ", ".join(pgd)
+        + f"; mean minimal perturbation {metrics['min_perturbation_mean']:.3f}"
+        + f"; word attack success {metrics['word_attack_success_rate']:.1%} (robustness.md)"
+    )

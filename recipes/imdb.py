@@ -37,11 +37,13 @@ from common import (
     ModelArguments,
     RawSplit,
     RecipeError,
+    RobustnessReportArguments,
     adjust_training_args,
     check_output_dir,
     clean_texts,
     describe_method,
     describe_outputs,
+    describe_robustness,
     describe_splits,
     describe_training,
     finish_splits,
@@ -52,6 +54,7 @@ from common import (
     parse_int,
     print_summary,
     resolve_column,
+    robustness_report,
     rows_of,
     setup_logging,
     tokenize,
@@ -119,8 +122,8 @@ def encode_labels(raw: RawSplit, column: str, class_names: list[str]) -> list[in
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     started = time.perf_counter()
-    model_args, data_args, training_args = parse_arguments(
-        (ModelArguments, ImdbDataArguments, AdversarialTrainingArguments), argv
+    model_args, data_args, report_args, training_args = parse_arguments(
+        (ModelArguments, ImdbDataArguments, RobustnessReportArguments, AdversarialTrainingArguments), argv
     )
     setup_logging(training_args)
     logger.info(
@@ -220,6 +223,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         predictions[f"prob_{name}"] = probabilities[:, i].round(6)
     predictions["text"] = frame["text"].tolist()
     predictions_path = f"{training_args.output_dir}/predictions_{predict_split}.csv"
+    robustness = robustness_report(
+        trainer,
+        frame,
+        "label",
+        report_args,
+        max_length=data_args.max_seq_length,
+        seed=data_args.split_seed,
+        name=training_args.run_name or describe_method(training_args),
+    )
 
     if trainer.is_world_process_zero():
         predictions.to_csv(predictions_path, index=False)
@@ -232,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ]
         if predict_split == "test":
             lines.append(f"test        accuracy {results['test_accuracy']:.4f}, f1 {results['test_f1']:.4f}")
+        if robustness is not None:
+            lines.append(f"robustness  {describe_robustness(robustness)}")
         lines += [
             f"wall time   {format_duration(time.perf_counter() - started)}",
             f"saved in    {describe_outputs(training_args.output_dir, predict_split)}",

@@ -38,11 +38,13 @@ from common import (
     ModelArguments,
     RawSplit,
     RecipeError,
+    RobustnessReportArguments,
     adjust_training_args,
     check_output_dir,
     clean_texts,
     describe_method,
     describe_outputs,
+    describe_robustness,
     describe_splits,
     describe_training,
     finish_splits,
@@ -54,6 +56,7 @@ from common import (
     parse_list,
     print_summary,
     resolve_column,
+    robustness_report,
     rows_of,
     setup_logging,
     tokenize,
@@ -274,8 +277,15 @@ def tune_threshold(probabilities: np.ndarray, targets: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     started = time.perf_counter()
-    model_args, data_args, loss_args, training_args = parse_arguments(
-        (ModelArguments, MultiLabelDataArguments, LossArguments, AdversarialTrainingArguments), argv
+    model_args, data_args, loss_args, report_args, training_args = parse_arguments(
+        (
+            ModelArguments,
+            MultiLabelDataArguments,
+            LossArguments,
+            RobustnessReportArguments,
+            AdversarialTrainingArguments,
+        ),
+        argv,
     )
     setup_logging(training_args)
     logger.info(
@@ -412,6 +422,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for i, name in enumerate(class_names):
         predictions[f"prob_{name}"] = probabilities[:, i].round(6)
     predictions["text"] = frame["text"].tolist()
+    robustness = robustness_report(
+        trainer,
+        frame.assign(labels=targets[predict_split].tolist()),
+        "labels",
+        report_args,
+        max_length=data_args.max_seq_length,
+        seed=data_args.split_seed,
+        name=training_args.run_name or describe_method(training_args),
+    )
 
     if trainer.is_world_process_zero():
         predictions.to_csv(f"{training_args.output_dir}/predictions_{predict_split}.csv", index=False)
@@ -432,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 + (f", ROC-AUC {auc:.4f}" if auc is not None else "")
                 + f" (micro-F1 {results['test_micro_f1_at_0.5']:.4f} at 0.5)"
             )
+        if robustness is not None:
+            lines.append(f"robustness  {describe_robustness(robustness, 'micro-F1')}")
         lines += [
             f"wall time   {format_duration(time.perf_counter() - started)}",
             f"saved in    {describe_outputs(training_args.output_dir, predict_split)}",

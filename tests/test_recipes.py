@@ -498,3 +498,35 @@ def test_imdb_csv_gz_sample_is_balanced(tiny_model, tmp_path):
     predictions = assert_outputs(out)
     # the test file is sorted by label: a seeded sample, not its first rows, has both classes
     assert 60 < (predictions["label"] == "positive").sum() < 140
+
+
+# -- robustness report at the end of training ------------------------------------------------------------------------
+ROBUSTNESS_FLAGS = ["--robustness_report", "true", "--robustness_epsilons", "0.5", "4", "--robustness_max_samples", "10"]
+
+
+def test_imdb_robustness_report(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    files = ["--train_file", str(data / "imdb.csv"), "--test_file", str(data / "imdb.csv"), "--run_name", "fgm"]
+    imdb.main(train_args(tiny_model, out, *files, "--adv_method", "fgm", *ROBUSTNESS_FLAGS))
+    report = json.loads((out / "robustness.json").read_text())["models"]["fgm"]
+    assert report["num_examples"] == 10
+    assert report["pgd_accuracy@4"] <= report["pgd_accuracy@0.5"] <= report["clean_accuracy"]
+    assert (out / "robustness.md").read_text().startswith("| model") and (out / "robustness.png").is_file()
+
+
+def test_multilabel_robustness_report(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    files = [
+        *("--train_file", str(data / "emotions.tsv"), "--test_file", str(data / "emotions.tsv")),
+        *("--column_names", "text,labels,id", "--class_names_file", str(data / "labels.txt")),
+    ]
+    multilabel.main(train_args(tiny_model, out, *files, *ROBUSTNESS_FLAGS))
+    (name, report), *others = json.loads((out / "robustness.json").read_text())["models"].items()
+    assert not others and name.startswith("none") and report["num_examples"] == 10
+    assert report["pgd_accuracy@4"] <= report["clean_accuracy"]  # micro-F1 for this multi-label model
+
+
+def test_robustness_flags_are_checked(tiny_model, data, tmp_path):
+    files = ["--train_file", str(data / "imdb.csv")]
+    with pytest.raises(common.RecipeError, match=r"--robustness_epsilons must all be > 0, got \[0.5, -1.0\]"):
+        imdb.main(train_args(tiny_model, tmp_path / "out", *files, "--robustness_epsilons", "0.5", "-1"))

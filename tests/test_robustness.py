@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
 
 import pytest
 import torch
 from conftest import VOCAB, state, tiny_config, training_args
 from transformers import BertForSequenceClassification, BertTokenizer, DataCollatorWithPadding
 
-from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+from hf_adv import AdversarialTrainer
 from hf_adv.robustness import RobustnessEvaluator, adversarial_accuracy, build_dataloader, evaluate_robustness, main
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "[unused1]"]
@@ -247,10 +246,6 @@ def test_cli_writes_json_table_and_plot(tmp_path, trained, tokenizer, test_rows)
     assert not math.isnan(report["b"]["word_attack_success_rate"])
 
 
-@pytest.mark.skipif(
-    "robust_eval_epsilons" not in {f.name for f in fields(AdversarialTrainingArguments)},
-    reason="AdversarialTrainingArguments has no robust_eval_epsilons yet",
-)
 def test_trainer_evaluate_reports_accuracy_under_attack(tmp_path, trained, tokenizer, test_rows):
     dataset = [{**tokenizer(r["text"]), "labels": r["label"]} for r in test_rows[:32]]
     args = training_args(tmp_path, robust_eval_epsilons=[0.03, 0.12], per_device_eval_batch_size=16)
@@ -262,3 +257,5 @@ def test_trainer_evaluate_reports_accuracy_under_attack(tmp_path, trained, token
     assert result["eval_adv_accuracy@0.12"] < result["eval_adv_accuracy@0.03"] <= 1
     assert any("eval_adv_accuracy@0.12" in h for h in trainer.state.log_history)
     assert all(torch.equal(v, before[n]) for n, v in state(trained).items())
+    predicted = trainer.predict(dataset)
+    assert not any("adv_accuracy" in k for k in predicted.metrics)  # predict() is never attacked

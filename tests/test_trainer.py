@@ -271,6 +271,8 @@ def test_awp_waits_for_the_first_epoch_by_default(tmp_path):
         (dict(vat_iterations=0), "vat_iterations must be >= 1"),
         (dict(vat_weight=-0.1), "vat_weight must be >= 0"),
         (dict(awp_eps=0.0), "awp_eps must be > 0"),
+        (dict(robust_eval_epsilons=[0.1, 0.0]), r"robust_eval_epsilons must all be > 0, got \[0.1, 0.0\]"),
+        (dict(robust_eval_steps=0), "robust_eval_steps must be >= 1"),
     ],
 )
 def test_invalid_arguments_fail_at_construction(tmp_path, overrides, message):
@@ -297,11 +299,15 @@ def test_arguments_parse_from_command_line(tmp_path):
             "encoder",
             "--adv_start_epoch",
             "0.5",
+            "--robust_eval_epsilons",
+            "0.1",
+            "0.5",
             "--report_to",
             "none",
         ]
     )
     assert (args.adv_method, args.adv_epsilon, args.adv_steps, args.vat_weight) == ("pgd", 0.7, 5, 0.5)
+    assert args.robust_eval_epsilons == [0.1, 0.5]
     assert (args.awp_param_pattern, args.adv_start_epoch) == ("encoder", 0.5)
 
 
