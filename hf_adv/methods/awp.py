@@ -115,12 +115,13 @@ class AWP(AdversarialMethod):
                     original = p.detach().clone()
                     backups.append((p, original))
                     # clamp(w0 + step, w0 - b, w0 + b) == w0 + clamp(step, -b, b): clamping the step needs no bounds
-                    # tensors kept alive, and its norm is the norm of the move.
+                    # tensors kept alive, and its norm is the norm of the move. Two temporaries, updated in place.
                     step = p.grad * (self.lr * original.norm() / grad_norm)
                     bound = original.abs().mul_(self.eps)
-                    step = torch.minimum(torch.maximum(step, bound.neg()), bound)
+                    torch.minimum(step, bound, out=step)
+                    torch.maximum(step, bound.neg_(), out=step)
                     p.add_(step)
-                    moved = step.float().pow(2).sum()
+                    moved = torch.linalg.vector_norm(step, dtype=torch.float32).square()
                     squared = moved if squared is None else squared + moved
             if self.discard_clean_grad:
                 for p in self._trainable():
