@@ -14,9 +14,19 @@ test:
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	$(PYTHON) -m ruff check hf_adv recipes tests
-	$(PYTHON) -m ruff format --check hf_adv recipes tests
+	$(PYTHON) -m ruff check hf_adv recipes tests benchmarks
+	$(PYTHON) -m ruff format --check hf_adv recipes tests benchmarks
 
 format:
-	$(PYTHON) -m ruff check --fix hf_adv recipes tests
-	$(PYTHON) -m ruff format hf_adv recipes tests
+	$(PYTHON) -m ruff check --fix hf_adv recipes tests benchmarks
+	$(PYTHON) -m ruff format hf_adv recipes tests benchmarks
+
+# Offline demo of both recipes on the real pretrained MiniLM and a small synthetic sample (a few minutes on 2 CPUs).
+demo:
+	$(PYTHON) recipes/demo.py --output_dir demo_output
+
+# Benchmarks (not part of the test suite): step cost and end to end against a plain Trainer, then docs/benchmarks.md.
+bench:
+	$(PYTHON) -m benchmarks.step_cost --model minilm --rounds 7 --warmup 1
+	$(PYTHON) -m benchmarks.end_to_end --model minilm --steps 6 --rounds 3
+	$(PYTHON) -m benchmarks.report
