@@ -1275,5 +1275,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `hf-adv-robustness` command (the same as `python -m hf_adv.robustness`)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -26,7 +26,6 @@ from .arguments import AdversarialTrainingArguments
 from .embedding import unwrap_model
 from .losses import MULTI_LABEL, SINGLE_LABEL, has_missing_labels, infer_problem_type, masked_classification_loss
 from .methods import VAT, AdversarialMethod, get_method_class
-from .robustness import adversarial_accuracy
 
 logger = logging.get_logger(__name__)
 
@@ -290,6 +289,10 @@ class AdversarialTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         epsilons = self.args.robust_eval_epsilons
         if epsilons and description == "Evaluation":
+            # Imported here: a module-level import would make `python -m hf_adv.robustness` warn that the module was
+            # imported (through `hf_adv`) before it ran.
+            from .robustness import adversarial_accuracy
+
             attacked = adversarial_accuracy(
                 self.model,
                 dataloader,

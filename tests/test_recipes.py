@@ -501,7 +501,15 @@ def test_imdb_csv_gz_sample_is_balanced(tiny_model, tmp_path):
 
 
 # -- robustness report at the end of training ------------------------------------------------------------------------
-ROBUSTNESS_FLAGS = ["--robustness_report", "true", "--robustness_epsilons", "0.5", "4", "--robustness_max_samples", "10"]
+ROBUSTNESS_FLAGS = [
+    "--robustness_report",
+    "true",
+    "--robustness_epsilons",
+    "0.5",
+    "4",
+    "--robustness_max_samples",
+    "10",
+]
 
 
 def test_imdb_robustness_report(tiny_model, data, tmp_path):

@@ -259,3 +259,14 @@ def test_trainer_evaluate_reports_accuracy_under_attack(tmp_path, trained, token
     assert all(torch.equal(v, before[n]) for n, v in state(trained).items())
     predicted = trainer.predict(dataset)
     assert not any("adv_accuracy" in k for k in predicted.metrics)  # predict() is never attacked
+
+
+def test_cli_runs_as_a_module_without_warnings():
+    """`python -m hf_adv.robustness` must not find its module imported already (through `hf_adv`) before it runs."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-m", "hf_adv.robustness", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--model_paths" in done.stdout and "--epsilons" in done.stdout
