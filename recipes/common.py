@@ -498,6 +498,18 @@ def tokenize(dataset: datasets.Dataset, tokenizer, max_seq_length: int) -> datas
 
 
 # -- reporting --------------------------------------------------------------------------------------------------------
+def train_and_save(trainer, checkpoint: str | None, train_samples: int) -> tuple:
+    """Train (resuming from `checkpoint` if given), save the model and tokenizer (main process only), and log and save
+    the training metrics and the trainer state; returns the `TrainOutput` and the metrics."""
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    train_metrics = {**train_result.metrics, "train_samples": train_samples}
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+    return train_result, train_metrics
+
+
 def describe_splits(frames: dict[str, pd.DataFrame]) -> str:
     return ", ".join(f"{split} {len(frames[split])}" for split in ("train", "validation", "test") if split in frames)
 

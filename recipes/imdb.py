@@ -58,6 +58,7 @@ from common import (
     rows_of,
     setup_logging,
     tokenize,
+    train_and_save,
 )
 from datasets import Dataset
 from sklearn.metrics import accuracy_score, f1_score
@@ -191,12 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # model and tokenizer, from the main process only
-    train_metrics = {**train_result.metrics, "train_samples": len(frames["train"])}
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
+    train_result, train_metrics = train_and_save(trainer, checkpoint, len(frames["train"]))
 
     eval_metrics = {**trainer.evaluate(), "eval_samples": len(frames["validation"])}
     trainer.log_metrics("eval", eval_metrics)

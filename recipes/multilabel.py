@@ -60,6 +60,7 @@ from common import (
     rows_of,
     setup_logging,
     tokenize,
+    train_and_save,
 )
 from datasets import Dataset, Features, Sequence, Value
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
@@ -373,12 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer = AdversarialTrainer(**trainer_kwargs)
     else:
         trainer = PosWeightTrainer(**trainer_kwargs, pos_weight=pos_weight)
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # model and tokenizer, from the main process only
-    train_metrics = {**train_result.metrics, "train_samples": len(frames["train"])}
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
+    train_result, train_metrics = train_and_save(trainer, checkpoint, len(frames["train"]))
 
     validation = trainer.predict(tokenized["validation"], metric_key_prefix="eval")
     validation_probabilities = sigmoid(validation.predictions)
