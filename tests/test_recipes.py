@@ -534,7 +534,19 @@ def test_multilabel_robustness_report(tiny_model, data, tmp_path):
     assert report["pgd_accuracy@4"] <= report["clean_accuracy"]  # micro-F1 for this multi-label model
 
 
+def test_imdb_robustness_report_with_chosen_attacks(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    files = ["--train_file", str(data / "imdb.csv"), "--test_file", str(data / "imdb.csv"), "--run_name", "pgd"]
+    imdb.main(train_args(tiny_model, out, *files, *ROBUSTNESS_FLAGS, "--robustness_attacks", "pgd"))
+    report = json.loads((out / "robustness.json").read_text())["models"]["pgd"]
+    assert report["pgd_accuracy@4"] <= report["clean_accuracy"]
+    assert not [key for key in report if key.startswith(("fgm_", "min_perturbation", "word_"))]
+    assert common.describe_robustness(report).startswith("clean accuracy")
+
+
 def test_robustness_flags_are_checked(tiny_model, data, tmp_path):
     files = ["--train_file", str(data / "imdb.csv")]
+    with pytest.raises(common.RecipeError, match=r"valid names are \['fgm', 'pgd', 'min_perturbation', 'word'\]"):
+        imdb.main(train_args(tiny_model, tmp_path / "out", *files, "--robustness_attacks", "pgd", "hotflip"))
     with pytest.raises(common.RecipeError, match=r"--robustness_epsilons must all be > 0, got \[0.5, -1.0\]"):
         imdb.main(train_args(tiny_model, tmp_path / "out", *files, "--robustness_epsilons", "0.5", "-1"))
