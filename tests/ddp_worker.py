@@ -13,6 +13,10 @@ Two modes, same scenarios, same data:
   Micro-batch m of a step of the single run stands for rank m % 2 (its "virtual rank"): the skip scenarios and
   VAT's deterministic random start key on it.
 
+The robust-evaluation scenarios (`ROBUST_EVAL_SCENARIOS`, run only when named with ``--scenarios``) train nothing:
+the same tiny model runs `evaluate()` with `robust_eval_epsilons` (and `predict()`) on an eval set of a given size, per
+device batch 2, in both modes; the per-example rows that the robustness evaluation gathers are recorded.
+
 Rank 0 (or the single process) rewrites the output file after every scenario, so that a scenario that hangs does not
 lose the results of the ones before it; the skip scenarios, the likeliest to hang, run last.
 """
@@ -37,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_adv.methods.awp as awp_module  # noqa: E402
 import hf_adv.methods.fgm as fgm_module  # noqa: E402
 import hf_adv.methods.pgd as pgd_module  # noqa: E402
+import hf_adv.robustness as robustness_module  # noqa: E402
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments  # noqa: E402
 from hf_adv.methods.base import is_usable_norm  # noqa: E402
 from hf_adv.methods.vat import VAT  # noqa: E402
@@ -85,6 +90,13 @@ def scenarios() -> dict[str, dict]:
 SCENARIOS = scenarios()
 REFERENCES = {s["reference"]: s for s in SCENARIOS.values() if s["ddp"] == "default-ddp"}
 
+# Robust evaluation: `evaluate()` on eval sets of these sizes, per-device batch BATCH (WORLD * BATCH = 4 examples per
+# gathered batch): one divisible size, and each remainder, so that `gather_for_metrics` has 1, 2 or 3 examples to
+# keep of the last gathered batch (with 13, rank 0's last batch is half padding and rank 1's all padding).
+ROBUST_EVAL_EPSILONS = (0.01, 0.03, 10.0)  # the tiny random model: some examples fooled, most, and all
+ROBUST_EVAL_STEPS = 3
+ROBUST_EVAL_SCENARIOS = {f"robust-eval/n{n}": {"eval_size": n} for n in (16, 13, 14, 15)}
+
 
 class Context:
     """What the patched functions below need to know about the micro-batch being trained."""
@@ -112,12 +124,36 @@ def usable_norm_unless_skipped(norm):
     return False if Context.skipping("adv") else is_usable_norm(norm)
 
 
+class RobustGathers:
+    """What `adversarial_accuracy` gathered, call by call: the per-example rows `gather` returned for each batch."""
+
+    calls: list[dict] = []
+
+
+_adversarial_accuracy = robustness_module.adversarial_accuracy
+
+
+def recording_adversarial_accuracy(*args, gather=None, **kwargs):
+    """`adversarial_accuracy`, recording the rows its `gather` returns (the trainer imports it at call time)."""
+    call = {"gather": gather is not None, "rows": []}
+    RobustGathers.calls.append(call)
+
+    def recording_gather(data):
+        gathered = gather(data)
+        call["rows"].append(gathered.detach().cpu().clone())
+        return gathered
+
+    return _adversarial_accuracy(*args, gather=recording_gather if gather is not None else None, **kwargs)
+
+
 def install_patches() -> None:
-    """Make VAT's random start deterministic and let `Context` skip attacks (called by `main` only, so that the test
-    can import this module for its scenario table without patching hf_adv in the pytest process)."""
+    """Make VAT's random start deterministic, let `Context` skip attacks, and record what the robust evaluation
+    gathers (called by `main` only, so that the test can import this module for its scenario table without patching
+    hf_adv in the pytest process)."""
     VAT.sample_noise = deterministic_noise
     for module in (fgm_module, pgd_module, awp_module):
         module.is_usable_norm = usable_norm_unless_skipped
+    robustness_module.adversarial_accuracy = recording_adversarial_accuracy
 
 
 class RecordingTrainer(AdversarialTrainer):
@@ -244,11 +280,48 @@ def run_scenario(scenario: dict, distributed: bool, output_dir: str) -> dict:
     }
 
 
+def clean_accuracy(prediction) -> dict[str, float]:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def run_robust_eval(scenario: dict, output_dir: str) -> dict:
+    """`evaluate()` with `robust_eval_epsilons`, then `predict()`, on an eval set of `eval_size` examples."""
+    args = AdversarialTrainingArguments(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to="none",
+        per_device_eval_batch_size=BATCH,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=42,
+        robust_eval_epsilons=list(ROBUST_EVAL_EPSILONS),
+        robust_eval_steps=ROBUST_EVAL_STEPS,
+    )
+    trainer = AdversarialTrainer(model=tiny_model(), args=args, compute_metrics=clean_accuracy)
+    eval_dataset = dataset(scenario["eval_size"])
+    RobustGathers.calls = []
+    metrics = trainer.evaluate(eval_dataset)
+    evaluate_gathers = RobustGathers.calls
+    RobustGathers.calls = []
+    prediction = trainer.predict(eval_dataset)
+    return {
+        "metrics": metrics,
+        "robust_gathers": evaluate_gathers,
+        "predict_robust_gathers": len(RobustGathers.calls),
+        "predict_metrics": prediction.metrics,
+        "predict_logits": torch.as_tensor(prediction.predictions),
+        "predict_labels": torch.as_tensor(prediction.label_ids),
+        "labels": torch.stack([example["labels"] for example in eval_dataset]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="results file (torch.save of a dict)")
     parser.add_argument("--single", action="store_true", help="single-process reference run")
-    parser.add_argument("--scenarios", nargs="*", help="names to run (default: all)")
+    parser.add_argument(
+        "--scenarios", nargs="*", help="names to run (default: every training scenario; robust-eval/* when named)"
+    )
     cli = parser.parse_args()
     install_patches()
     torch.set_num_threads(1)
@@ -260,13 +333,17 @@ def main() -> None:
         rank = dist.get_rank()
         assert dist.get_world_size() == WORLD, dist.get_world_size()
     todo = cli.scenarios or list(SCENARIOS if distributed else REFERENCES)
-    table = SCENARIOS if distributed else REFERENCES
+    table = {**(SCENARIOS if distributed else REFERENCES), **ROBUST_EVAL_SCENARIOS}
 
     results: dict = {"distributed": distributed, "scenarios": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in todo:
             try:
-                result = run_scenario(table[name], distributed, os.path.join(tmp, name.replace("/", "_")))
+                output_dir = os.path.join(tmp, name.replace("/", "_"))
+                if name in ROBUST_EVAL_SCENARIOS:
+                    result = run_robust_eval(table[name], output_dir)
+                else:
+                    result = run_scenario(table[name], distributed, output_dir)
             except Exception:
                 traceback.print_exc()
                 result = {"error": traceback.format_exc()}

@@ -9,6 +9,10 @@ The tests compare the saved results:
 * the gradients are all-reduced once per optimizer step, as often as with `adv_method="none"`, however many
   backward passes the method runs (a DDP communication hook registered at train begin counts the all-reduces);
 * a step whose attack is skipped on one rank only neither hangs nor changes the result.
+
+A second pair of launches (the robust-evaluation scenarios only) runs `evaluate()` with `robust_eval_epsilons` on eval
+sets whose size is, or is not, a multiple of WORLD * batch size; the tests check that 2 processes report the
+single process's `eval_adv_accuracy@{eps}` and clean metrics, from the same per-example attack results, once each.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -39,6 +44,8 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 import ddp_worker  # noqa: E402  (the scenario table only; the worker's patches are installed in its own processes)
 
+from hf_adv.robustness import epsilon_key  # noqa: E402
+
 DDP_TIMEOUT = 300  # seconds, for the whole launch; in the worker each collective also times out after 60 s
 SINGLE_TIMEOUT = 300
 WEIGHT_ATOL = 1e-5
@@ -54,6 +61,7 @@ METRICS_COMPARED = (
 TRAININGS = [n for n, s in ddp_worker.SCENARIOS.items() if not s["skip"]]
 ADVERSARIAL = [n for n in TRAININGS if ddp_worker.SCENARIOS[n]["method"] != "none"]
 SKIPPED = [n for n, s in ddp_worker.SCENARIOS.items() if s["skip"]]
+ROBUST_EVAL = list(ddp_worker.ROBUST_EVAL_SCENARIOS)
 
 
 @dataclass
@@ -233,5 +241,113 @@ def test_attack_skipped_on_one_rank_does_not_hang(launches, name):
 
 def test_launches_completed(launches):
     ddp, single = launches
+    for launch in (ddp, single):
+        assert not launch.timed_out and launch.returncode == 0, launch.describe()
+
+
+# -- evaluate() with robust_eval_epsilons -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def robust_eval_launches(tmp_path_factory) -> tuple[Launch, Launch]:
+    tmp = tmp_path_factory.mktemp("ddp-robust-eval")
+    ddp = _launch(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(ddp_worker.WORLD),
+            str(WORKER),
+            "--scenarios",
+            *ROBUST_EVAL,
+        ],
+        tmp / "ddp.pt",
+        DDP_TIMEOUT,
+    )
+    single = _launch([str(WORKER), "--single", "--scenarios", *ROBUST_EVAL], tmp / "single.pt", SINGLE_TIMEOUT)
+    return ddp, single
+
+
+def _trainer_eval_loss(losses: torch.Tensor, world: int) -> float:
+    """`eval_loss` as `Trainer.evaluation_loop` computes it from per-example losses (in eval-set order): each
+    process's batch-mean loss repeated once per example of its batch, gathered, and cut to the eval set's size.
+
+    With several processes, accelerate completes the last batches by cycling from the first example, and a padding
+    example that shares a batch with a real one enters that batch's mean: then `eval_loss` is not the single
+    process's, which is the mean of the per-example losses. That is the Trainer's doing, not hf_adv's.
+    """
+    n = len(losses)
+    pad = (-n) % (world * ddp_worker.BATCH) if world > 1 else 0
+    padded = torch.cat([losses, losses[:pad]])
+    per_position = torch.cat([batch.mean().repeat(len(batch)) for batch in padded.split(ddp_worker.BATCH)])
+    return per_position[:n].mean().item()
+
+
+def _robust_rows(result: dict, calls: int) -> torch.Tensor:
+    """The per-example rows (example, clean then each epsilon, counts) gathered by the one robust evaluation."""
+    (gathers,) = result["robust_gathers"]  # once per evaluate(), not in predict()
+    assert gathers["gather"], "adversarial_accuracy was not given a gather function"
+    assert len(gathers["rows"]) == calls, (len(gathers["rows"]), calls)  # once per batch
+    return torch.cat(gathers["rows"])
+
+
+@pytest.mark.parametrize("name", ROBUST_EVAL)
+def test_robust_eval_ddp_equals_single_process(robust_eval_launches, name):
+    ddp, single = robust_eval_launches
+    per_rank, reference = _ranks(ddp, name), _ranks(single, name)[0]
+    n, world, batch = ddp_worker.ROBUST_EVAL_SCENARIOS[name]["eval_size"], ddp_worker.WORLD, ddp_worker.BATCH
+    epsilons = sorted(ddp_worker.ROBUST_EVAL_EPSILONS)
+    adv_keys = [f"eval_adv_accuracy@{epsilon_key(e)}" for e in epsilons]
+    metrics = per_rank[0]["metrics"]
+    assert set(adv_keys) <= set(metrics) and set(adv_keys) <= set(reference["metrics"]), sorted(metrics)
+
+    # The same metrics on every rank, equal to the single process's: the accuracies exactly (ratios of counts).
+    for rank, result in enumerate(per_rank):
+        for key in ("eval_loss", "eval_accuracy", *adv_keys):
+            assert result["metrics"][key] == metrics[key], (name, rank, key)
+    for key in ("eval_accuracy", *adv_keys):
+        assert metrics[key] == reference["metrics"][key], (name, key, metrics[key], reference["metrics"][key])
+
+    # Per example, what the robustness evaluation gathered: each example of the eval set once, in order (the padding
+    # examples of the last batches dropped), with the single process's results.
+    expected_rows = _robust_rows(reference, calls=-(-n // batch))
+    assert expected_rows.shape == (n, 1 + len(epsilons), 3), expected_rows.shape
+    for rank, result in enumerate(per_rank):
+        rows = _robust_rows(result, calls=-(-n // (world * batch)))
+        assert rows.shape == expected_rows.shape, (name, rank, rows.shape)
+        assert torch.equal(rows, expected_rows), f"{name}: rank {rank} gathered other per-example results"
+    assert expected_rows[:, :, 1].sum(0).tolist() == [n] * (1 + len(epsilons))  # examples counted, per metric
+
+    # A real attack on the right examples: the clean column is a plain prediction's correctness, example by example;
+    # an example correct under attack is correct clean and at every smaller epsilon; the largest epsilon fools some.
+    labels = reference["labels"]
+    for result in (*per_rank, reference):
+        assert torch.equal(result["predict_labels"], labels), name  # predict() gathered each example once, in order
+        assert result["predict_robust_gathers"] == 0 and not any(
+            "adv_accuracy" in k for k in result["predict_metrics"]
+        )
+    logits = reference["predict_logits"]
+    torch.testing.assert_close(per_rank[0]["predict_logits"], logits, atol=1e-6, rtol=0)
+    correct = (logits.argmax(-1) == labels).double()
+    clean_accuracy = correct.mean().item()
+    assert torch.equal(expected_rows[:, 0, 0], correct), name
+    assert metrics["eval_accuracy"] == pytest.approx(clean_accuracy, abs=1e-12)
+    assert per_rank[0]["predict_metrics"]["test_accuracy"] == pytest.approx(clean_accuracy, abs=1e-12)
+    attacked = expected_rows[:, 1:, 0]
+    assert (attacked <= expected_rows[:, :1, 0]).all() and (attacked[:, 1:] <= attacked[:, :-1]).all(), name
+    for i, key in enumerate(adv_keys):
+        assert metrics[key] == pytest.approx(attacked[:, i].mean().item(), abs=1e-12), key
+    assert metrics[adv_keys[-1]] < clean_accuracy, (name, metrics[adv_keys[-1]], clean_accuracy)
+
+    # eval_loss: the Trainer's mean of batch means, over the same examples; equal to the single process's whenever
+    # no padding example shares a batch with a real one (n a multiple of WORLD * BATCH, or of BATCH only).
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    assert reference["metrics"]["eval_loss"] == pytest.approx(_trainer_eval_loss(losses, 1), abs=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(_trainer_eval_loss(losses, world), abs=1e-6)
+    if n % batch == 0:
+        assert metrics["eval_loss"] == pytest.approx(reference["metrics"]["eval_loss"], abs=1e-6)
+
+
+def test_robust_eval_launches_completed(robust_eval_launches):
+    ddp, single = robust_eval_launches
     for launch in (ddp, single):
         assert not launch.timed_out and launch.returncode == 0, launch.describe()
