@@ -197,6 +197,8 @@ class RobustnessEvaluator:
         self._depth = 0
         # Examples through the model's forward and backward: the cost of the evaluation, whatever the hardware.
         self.passes = {"forward": 0, "backward": 0}
+        # Wall seconds by part of the evaluation (clean pass, FGM/PGD grid, bisection, word attack).
+        self.timings: dict[str, float] = {}
         self._vocabulary: dict[str, torch.Tensor] | None = None
 
     # -- leaving the model as found -----------------------------------------------------------------------------------
@@ -658,8 +660,9 @@ class RobustnessEvaluator:
         Args:
             gather: when each process sees a shard of the data, collects a per-example tensor from all of them,
                 without the duplicates an evenly split last batch adds (`accelerator.gather_for_metrics`); it is
-                called once per batch on every process. Only the accuracies are gathered: the minimal perturbation
-                and the word attack's rates are those of this process's shard.
+                called once per batch on every process. Only the accuracies are gathered: the minimal perturbation,
+                the word attack's rates, `num_examples`, `embedding_norm_mean`, the seconds and the passes are
+                those of this process's shard (with the padding examples of its last batch).
         """
         # The caller's random state is left alone (a trainer evaluating mid-training must not shift its dropout).
         devices = [self.device] if self.device.type == "cuda" else []
@@ -685,6 +688,7 @@ class RobustnessEvaluator:
         examples = 0
         start = time.perf_counter()
         passes = dict(self.passes)
+        self.timings = {}
         total = len(batches) if hasattr(batches, "__len__") else None
         with self.prepared():
             progress = tqdm(batches, total=total, desc=description, disable=self.disable_tqdm, dynamic_ncols=True)
@@ -737,6 +741,8 @@ class RobustnessEvaluator:
             metrics["word_attack_accuracy"] = self.metric(totals["word"])
             metrics["word_attack_fraction_changed"] = float(changed.mean()) if changed.numel() else 0.0
         metrics["seconds"] = round(time.perf_counter() - start, 2)
+        for part, seconds in self.timings.items():
+            metrics[f"seconds_{part}"] = round(seconds, 2)
         for kind, count in self.passes.items():
             metrics[f"{kind}_passes_per_example"] = round((count - passes[kind]) / max(examples, 1), 2)
         return metrics
@@ -748,24 +754,36 @@ class RobustnessEvaluator:
         and the per-example results."""
         attacks = [a for a in self.attacks if attacks is None or a in attacks]
         mask = self._mask(inputs)
-        with torch.no_grad():
-            embedded = self.module(inputs["input_ids"]).float() * mask
-        logits, direction, direction_prediction = self.clean(
-            inputs, labels, prediction_direction="min_perturbation" in attacks
-        )
+        with self._timed("clean"):
+            with torch.no_grad():
+                embedded = self.module(inputs["input_ids"]).float() * mask
+            logits, direction, direction_prediction = self.clean(
+                inputs, labels, prediction_direction="min_perturbation" in attacks
+            )
         clean = self.predict(logits)
         rows: dict[str, Any] = {"clean": self.counts(clean, labels), "norms": embedded.flatten(1).norm(dim=1)}
         bracket = None
         if "fgm" in attacks or "pgd" in attacks:
-            grid, bracket = self._grid(inputs, mask, labels, clean, direction, attacks)
+            with self._timed("fgm_pgd"):
+                grid, bracket = self._grid(inputs, mask, labels, clean, direction, attacks)
             rows.update(grid)
         if "min_perturbation" in attacks:
-            rows["minimal"], rows["minimal_lower"] = self._bisect(inputs, clean, direction_prediction, bracket)
+            with self._timed("min_perturbation"):
+                rows["minimal"], rows["minimal_lower"] = self._bisect(inputs, clean, direction_prediction, bracket)
         if "word" in attacks:
-            result = self._word_attack(inputs, labels, clean, direction)
+            with self._timed("word"):
+                result = self._word_attack(inputs, labels, clean, direction)
             rows["word"] = self.counts(result.predictions, labels)
             rows["word_result"] = result
         return rows
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
 
     def _grid(
         self,
@@ -921,8 +939,10 @@ def evaluate_robustness(
         PGD could not flip at `max_epsilon`, counted as `max_epsilon` in the mean and median);
         `word_attack_success_rate` (among the examples attacked: single-label, those predicted correctly; multi-label,
         those with a label left to get wrong), `word_attack_accuracy`, `word_attack_fraction_changed` (mean over the
-        successful attacks of changed tokens / tokens); `seconds`, and `forward_passes_per_example` /
-        `backward_passes_per_example` (the cost: examples through the model per evaluated example). For multi-label
+        successful attacks of changed tokens / tokens); `seconds` and its parts `seconds_clean`, `seconds_fgm_pgd`,
+        `seconds_min_perturbation`, `seconds_word` (wall time of each attack that ran), and
+        `forward_passes_per_example` / `backward_passes_per_example` (the cost: examples through the model per
+        evaluated example). For multi-label
         models every "accuracy" is micro-F1 with logits thresholded at 0.
     """
     if isinstance(tokenizer, str) or (tokenizer is None and isinstance(model, str)):

@@ -105,6 +105,12 @@ def test_embedding_attacks_attack(metrics):
     assert any(p < f for p, f in zip(pgd, fgm)), (pgd, fgm)
 
 
+def test_cost_is_reported_by_part(metrics):
+    parts = [metrics[f"seconds_{part}"] for part in ("clean", "fgm_pgd", "min_perturbation", "word")]
+    assert all(seconds > 0 for seconds in parts) and sum(parts) <= metrics["seconds"]
+    assert metrics["backward_passes_per_example"] >= 1 and metrics["forward_passes_per_example"] > 3
+
+
 def test_perturbations_stay_in_the_ball_and_off_padding(trained, tokenizer, test_rows):
     evaluator = RobustnessEvaluator(trained, epsilons=[0.06], attacks=["fgm", "pgd"])
     batch = a_batch(tokenizer, test_rows[:24])
