@@ -211,9 +211,100 @@ def step_cost_section(data: dict, results_dir: Path, stem: str) -> list[str]:
     return [*lines, ""]
 
 
+def _mean_sd(entry: dict, scale: float = 100.0) -> str:
+    text = f"{entry['mean'] * scale:.1f}"
+    return text + (f" ± {entry['std'] * scale:.1f}" if entry["std"] is not None else "")
+
+
+TASK_TITLES = {"imdb": "IMDB", "goemotions": "GoEmotions"}
+
+
+def quality_table(results: dict) -> str:
+    epsilons = sorted({eps for methods in results.values() for m in methods.values() for eps in m["pgd"]}, key=float)
+    rows = [
+        "| task | method | clean | " + " | ".join(f"PGD eps {eps}" for eps in epsilons) + " | seeds | training time |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in epsilons) + " | --- | --- |",
+    ]
+    for task, methods in results.items():
+        for method, entry in methods.items():
+            pgd = " | ".join(_mean_sd(entry["pgd"][eps]) if eps in entry["pgd"] else "" for eps in epsilons)
+            seconds = entry.get("train_seconds")
+            time_text = f"{seconds['mean'] / 60:.1f} min" if seconds else "n/a"
+            metric = "micro-F1" if entry["metric"] == "f1_micro" else "accuracy"
+            rows.append(
+                f"| {TASK_TITLES.get(task, task)} ({metric}) | {method} | {_mean_sd(entry['clean'])} | {pgd} "
+                f"| {', '.join(map(str, entry['seeds']))} | {time_text} |"
+            )
+    return "\n".join(rows)
+
+
+def plot_quality(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.8), squeeze=False)
+    for ax, (task, methods) in zip(axes[0], results.items()):
+        names = list(methods)
+        series = [("clean", lambda m: m["clean"])]
+        for eps in sorted(next(iter(methods.values()))["pgd"], key=float):
+            series.append((f"PGD eps {eps}", lambda m, eps=eps: m["pgd"][eps]))
+        width = 0.8 / len(series)
+        for j, (label, get) in enumerate(series):
+            entries = [get(methods[n]) for n in names]
+            ax.bar(
+                [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))],
+                [100 * e["mean"] for e in entries],
+                width,
+                yerr=[100 * (e["std"] or 0) for e in entries],
+                capsize=2,
+                label=label,
+            )
+        metric = "micro-F1" if next(iter(methods.values()))["metric"] == "f1_micro" else "accuracy"
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel(f"test {metric} (%), mean ± sd over seeds")
+        ax.set_title(TASK_TITLES.get(task, task), fontsize=10)
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def quality_section(data: dict, results_dir: Path) -> list[str]:
+    config = data["config"]
+    imdb, goemotions = config["imdb"], config["goemotions"]
+    lines = [
+        "## Quality: clean and under attack",
+        "",
+        f"Model {_model_name(config['model'])}, trained with the recipes (`benchmarks/quality.py` lists the flags), "
+        f"seeds {', '.join(map(str, config['seeds']))}. IMDB: {imdb['train_samples']} training reviews, "
+        f"{imdb['epochs']:g} epoch(s), {imdb['max_length']} tokens. GoEmotions: {goemotions['train_samples']} "
+        f"training comments, {goemotions['epochs']:g} epoch(s), {goemotions['max_length']} tokens. Scored by "
+        f"`hf_adv.robustness` on {config['test_samples']} test examples (the same sample for every run): clean, and "
+        f"under PGD-{config['pgd_steps']} at L2 radius epsilon per example on the embedding output. Scores in %, "
+        "mean ± sample standard deviation over seeds (no ± with one seed).",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        f"Machine: {_machine(data['machine'])}",
+        "",
+        quality_table(data["results"]),
+        "",
+    ]
+    if plot_quality(data["results"], results_dir / "quality.png"):
+        lines += ["![quality](benchmarks/quality.png)", ""]
+    return lines
+
+
 def render(docs_dir: Path = DOCS) -> Path:
     """Write `docs_dir/benchmarks.md` from the JSON files in `docs_dir/benchmarks/`: a section per
-    `step_cost*.json` (the untagged run first), then `end_to_end.json`."""
+    `step_cost*.json` (the untagged run first), then `end_to_end.json`, then `quality.json`."""
     results_dir = docs_dir / "benchmarks"
     end_to_end = _load(results_dir / "end_to_end.json")
     lines = [
@@ -243,6 +334,9 @@ def render(docs_dir: Path = DOCS) -> Path:
             end_to_end_table(end_to_end),
             "",
         ]
+    quality = _load(results_dir / "quality.json")
+    if quality is not None:
+        lines += quality_section(quality, results_dir)
     path = docs_dir / "benchmarks.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` without `python -m` does not put the repository root on the path
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import end_to_end, report, step_cost  # noqa: E402
+from test_recipes import data, tiny_model  # noqa: E402, F401  (module fixtures: a tiny BERT folder, a few rows)
+
+from benchmarks import end_to_end, quality, report, step_cost  # noqa: E402
 from benchmarks.common import METHODS  # noqa: E402
 
 # One thread: on a shared 2-core machine OpenMP barriers between busy cores make tiny ops take milliseconds.
@@ -29,15 +32,15 @@ def restore_threads():
 
 def test_step_cost_runs_every_method_and_writes_the_report(tmp_path):
     # The memory subprocess costs an interpreter start and imports: run it for plain only.
-    data = step_cost.main(
+    result = step_cost.main(
         [*TINY, "--rounds", "2", "--warmup", "1", "--memory-methods", "plain", "--output-dir", str(tmp_path)]
     )
-    assert set(data["methods"]) == set(METHODS)
-    for result in data["methods"].values():
-        assert result["seconds"]["n"] == 2 and result["ratio"]["median"] > 0
-    memory = data["methods"]["plain"]["memory"]
+    assert set(result["methods"]) == set(METHODS)
+    for method in result["methods"].values():
+        assert method["seconds"]["n"] == 2 and method["ratio"]["median"] > 0
+    memory = result["methods"]["plain"]["memory"]
     assert memory["tensor_peak_mb"] > 0 and memory["extra_tensor_mb"] == 0
-    assert "vs_classic" in data["methods"]["pgd"]["check"]
+    assert "vs_classic" in result["methods"]["pgd"]["check"]
     saved = json.loads((tmp_path / "benchmarks" / "step_cost.json").read_text())
     assert saved["config"]["model"] == "tiny"
     page = (tmp_path / "benchmarks.md").read_text()
@@ -55,12 +58,83 @@ def test_peak_tensor_bytes_counts_live_tensors():
 
 
 def test_end_to_end_trains_each_method(tmp_path):
-    data = end_to_end.main([*TINY, "--steps", "2", "--rounds", "1", "--output-dir", str(tmp_path)])
-    assert set(data["methods"]) == set(METHODS)
-    assert all(r["seconds"]["median"] > 0 for r in data["methods"].values())
+    result = end_to_end.main([*TINY, "--steps", "2", "--rounds", "1", "--output-dir", str(tmp_path)])
+    assert set(result["methods"]) == set(METHODS)
+    assert all(r["seconds"]["median"] > 0 for r in result["methods"].values())
     assert "End to end" in report.render(tmp_path).read_text()
 
 
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         step_cost.main([*TINY, "--methods", "fgm,nope", "--output-dir", str(tmp_path)])
+
+
+# -- quality: recipes trained in subprocesses, scored by hf_adv.robustness --------------------------------------------
+
+
+def quality_data(rows: Path, root: Path) -> Path:
+    """The tiny rows in the layout of ../shared/data."""
+    (root / "imdb").mkdir(parents=True)
+    (root / "goemotions").mkdir()
+    for split in ("train", "test"):
+        (root / "imdb" / f"{split}.csv.gz").write_bytes(gzip.compress((rows / "imdb.csv").read_bytes()))
+    for split in ("train", "dev", "test"):
+        (root / "goemotions" / f"{split}.tsv").write_text((rows / "emotions.tsv").read_text())
+    (root / "goemotions" / "labels.txt").write_text((rows / "labels.txt").read_text())
+    return root
+
+
+def test_method_flags_come_from_the_imdb_configs():
+    assert quality.method_flags("none", 1.0) == ["--adv_method", "none"]
+    pgd = quality.method_flags("pgd", 1.0)
+    assert pgd[:2] == ["--adv_method", "pgd"] and "--adv_steps" in pgd
+    awp = quality.method_flags("awp", 1.0)
+    assert awp[-2:] == ["--adv_start_epoch", "0.5"] and awp.count("--adv_start_epoch") == 1
+    assert "--vat_weight" in quality.method_flags("vat", 1.0)
+
+
+def test_quality_refuses_unknown_names(tmp_path):
+    with pytest.raises(SystemExit, match=r"--methods: unknown or no values \['freelb'\]"):
+        quality.main(["--methods", "fgm,freelb", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="missing data files"):
+        quality.main(["--tasks", "imdb", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_quality_trains_scores_and_resumes(tiny_model, data, tmp_path):  # noqa: F811
+    common = [
+        *("--model", tiny_model, "--data-dir", str(quality_data(data, tmp_path / "data"))),
+        *("--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "docs")),
+        *("--imdb-train-samples", "16", "--goemotions-train-samples", "16", "--eval-samples", "4"),
+        *("--test-samples", "8", "--epsilons", "0.5", "4", "--pgd-steps", "2"),
+        *("--recipe-args", "--max_steps 2 --per_device_train_batch_size 4 --per_device_eval_batch_size 8"),
+    ]
+    first = quality.main([*common, "--tasks", "imdb", "--methods", "fgm", "--seeds", "0,1"])
+    imdb = first["results"]["imdb"]["fgm"]
+    assert imdb["seeds"] == [0, 1] and imdb["clean"]["n"] == 2 and imdb["clean"]["std"] is not None
+    for run in first["runs"]:
+        assert run["num_examples"] == 8
+        assert run["pgd"]["4"] <= run["pgd"]["0.5"] <= run["clean"]
+        assert "adversarial: fgm" in (Path(run["run_dir"]).parent / f"seed{run['seed']}.log").read_text()
+    page = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "Quality: clean and under attack" in page and "| IMDB (accuracy) | fgm |" in page
+    assert (tmp_path / "docs" / "benchmarks" / "quality.png").is_file()
+
+    # A second grid trains only the new run (GoEmotions, multi-label) and reuses the scored one.
+    model = tmp_path / "runs" / "imdb" / "fgm" / "seed0" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    second = quality.main([*common, "--tasks", "imdb,goemotions", "--methods", "fgm", "--seeds", "0"])
+    assert model.stat().st_mtime_ns == stamp
+    assert second["results"]["imdb"]["fgm"]["clean"]["values"] == imdb["clean"]["values"][:1]
+    goemotions = second["runs"][1]
+    assert goemotions["metric"] == "f1_micro" and goemotions["pgd"]["4"] <= goemotions["clean"]
+    saved = json.loads((tmp_path / "docs" / "benchmarks" / "quality.json").read_text())
+    assert saved["config"]["seeds"] == [0] and len(saved["runs"]) == 2
+
+
+def test_a_run_scored_with_more_attacks_is_reused():
+    base = ["--model_paths", "run", "--attacks", "pgd", "--epsilons", "0.1", "--output_dir", "out"]
+    more = ["--model_paths", "run", "--attacks", "fgm", "pgd", "word", "--epsilons", "0.1", "--output_dir", "out"]
+    assert quality.same_scoring(more, base) and quality.same_scoring(base, base)
+    assert not quality.same_scoring(base, more)  # fewer attacks than asked
+    assert not quality.same_scoring(more, [*base[:-3], "0.2", *base[-2:]])  # another epsilon

@@ -1,0 +1,285 @@
+"""Quality: what each method buys on real data, clean and under attack, over several seeds.
+
+For every task x method x seed: train with the recipe (`recipes/imdb.py` or `recipes/multilabel.py`, in a
+subprocess, as a user runs it), then score the model with `hf_adv.robustness` on one sample of test examples shared
+by all runs: the clean score (accuracy; micro-F1 for GoEmotions) and the score under PGD at each epsilon. The table
+gives the mean and the sample standard deviation over seeds; each run's own files stay in `--runs-dir`.
+
+Runs resume: a run folder that holds a model is not trained again, and one whose `quality.json` was scored with the
+same settings is not scored again, so an interrupted grid picks up where it stopped and seeds can be added later.
+
+    python -m benchmarks.quality                          # IMDB and GoEmotions, 5 methods, seeds 0 1 2 (hours)
+    python -m benchmarks.quality --tasks imdb --seeds 0   # one seed of IMDB
+
+Each method's settings are the adversarial keys (`adv_*`, `awp_*`, `vat_*`) of `recipes/configs/imdb_<method>.yaml`
+on top of `<task>_none.yaml`, so both tasks train a method the same way. AWP starts at half the epochs: a 1-epoch
+run has no clean epoch to wait for, which is what `imdb_awp.yaml` (2 epochs, AWP from epoch 1) assumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .common import DOCS, MINILM, ROOT, command_line, machine_info, resolve_model_path, write_json
+
+QUALITY_METHODS = ("none", "fgm", "pgd", "awp", "vat")
+TASKS = ("imdb", "goemotions")
+CONFIGS = ROOT / "recipes" / "configs"
+DATA = ROOT.parent / "shared" / "data"
+METHOD_KEY_PREFIXES = ("adv_", "awp_", "vat_")
+
+
+def method_flags(method: str, epochs: float) -> list[str]:
+    """The recipe flags that select `method`, read from `recipes/configs/imdb_<method>.yaml`."""
+    config = yaml.safe_load((CONFIGS / f"imdb_{method}.yaml").read_text())
+    flags = []
+    for key, value in config.items():
+        if key.startswith(METHOD_KEY_PREFIXES) and key != "adv_start_epoch":
+            flags += [f"--{key}", str(value)]
+    if method == "awp":
+        flags += ["--adv_start_epoch", str(epochs / 2)]
+    return flags
+
+
+def task_files(task: str, data_dir: Path) -> dict[str, Path]:
+    if task == "imdb":
+        files = {"train": data_dir / "imdb" / "train.csv.gz", "test": data_dir / "imdb" / "test.csv.gz"}
+    else:
+        folder = data_dir / "goemotions"
+        files = {name: folder / f"{name}.tsv" for name in ("train", "dev", "test")}
+        files["labels"] = folder / "labels.txt"
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{task}: missing data files {missing}; see ../shared/data/README.md (or pass --data-dir).")
+    return files
+
+
+def train_command(task: str, method: str, seed: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
+    files = task_files(task, args.data_dir)
+    if task == "imdb":
+        script, epochs = "imdb.py", args.imdb_epochs
+        data = [
+            *("--train_file", str(files["train"]), "--test_file", str(files["test"])),
+            *("--max_train_samples", str(args.imdb_train_samples), "--max_seq_length", str(args.imdb_max_length)),
+        ]
+    else:
+        script, epochs = "multilabel.py", args.goemotions_epochs
+        data = [
+            *("--train_file", str(files["train"]), "--validation_file", str(files["dev"])),
+            *("--test_file", str(files["test"]), "--column_names", "text,labels,id"),
+            *("--class_names_file", str(files["labels"]), "--max_train_samples", str(args.goemotions_train_samples)),
+            *("--max_seq_length", str(args.goemotions_max_length)),
+        ]
+    return [
+        sys.executable,
+        str(ROOT / "recipes" / script),
+        str(CONFIGS / f"{task}_none.yaml"),
+        *("--model_name_or_path", resolve_model_path(args.model), "--output_dir", str(run_dir)),
+        *("--run_name", f"{task}-{method}-seed{seed}", "--seed", str(seed), "--num_train_epochs", str(epochs)),
+        *("--max_eval_samples", str(args.eval_samples), "--max_predict_samples", str(args.test_samples)),
+        *("--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"),
+        *data,
+        *method_flags(method, epochs),
+        *shlex.split(args.recipe_args),
+    ]
+
+
+def robustness_argv(task: str, method: str, run_dir: Path, args: argparse.Namespace) -> list[str]:
+    files = task_files(task, args.data_dir)
+    if task == "imdb":
+        data = ["--dataset", str(files["test"]), "--max_length", str(args.imdb_max_length)]
+    else:
+        data = [
+            *("--dataset", str(files["test"]), "--column_names", "text", "labels", "id"),
+            *("--label_column", "labels", "--max_length", str(args.goemotions_max_length)),
+        ]
+    return [
+        *("--model_paths", str(run_dir), "--model_names", method, *data),
+        *("--num_examples", str(args.test_samples), "--seed", "0", "--attacks", *args.attacks),
+        *("--epsilons", *map(str, args.epsilons), "--pgd_steps", str(args.pgd_steps)),
+        *("--output_dir", str(run_dir / "robustness"), "--disable_tqdm", "true"),
+    ]
+
+
+def same_scoring(previous: list[str], scoring: list[str]) -> bool:
+    """Whether a run scored with the `previous` robustness flags has the scores `scoring` asks for: the same flags,
+    but for `--attacks`, of which it may have run more (the attacks are deterministic and independent, so PGD's
+    scores do not depend on what else ran)."""
+
+    def split(argv: list[str]) -> tuple[list[str], set[str]]:
+        start = argv.index("--attacks") + 1
+        end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+        return argv[: start - 1] + argv[end:], set(argv[start:end])
+
+    if "--attacks" not in previous:
+        return False
+    (rest, attacks), (wanted_rest, wanted) = split(previous), split(scoring)
+    return rest == wanted_rest and wanted <= attacks
+
+
+def run_one(task: str, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (unless the run folder has a model) and score (unless already scored the same way) one run."""
+    from hf_adv import robustness
+
+    run_dir = args.runs_dir / task / method / f"seed{seed}"
+    scoring = robustness_argv(task, method, run_dir, args)
+    saved = run_dir / "quality.json"
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        if same_scoring(previous.get("scoring", []), scoring):
+            print(f"[quality] {task} {method} seed {seed}: scored before, {saved}", flush=True)
+            return previous
+    if not (run_dir / "model.safetensors").is_file():
+        command = train_command(task, method, seed, run_dir, args)
+        print(f"[quality] {task} {method} seed {seed}: training\n  {shlex.join(command)}", flush=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = run_dir.parent / f"seed{seed}.log"
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ).returncode
+        if status:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+            raise SystemExit(f"{task} {method} seed {seed}: the recipe failed (exit {status}), log {log}:\n{tail}")
+        print(f"[quality]   trained in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"[quality] {task} {method} seed {seed}: scoring", flush=True)
+    metrics = robustness.main(scoring)[method]
+    train = (
+        json.loads((run_dir / "train_results.json").read_text()) if (run_dir / "train_results.json").exists() else {}
+    )
+    result = {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "scoring": scoring,
+        "metric": metrics["metric"],
+        "num_examples": metrics["num_examples"],
+        "clean": metrics["clean_accuracy"],
+        "pgd": {key.split("@")[1]: value for key, value in metrics.items() if key.startswith("pgd_accuracy@")},
+        "train_seconds": train.get("train_runtime"),
+        "scoring_seconds": metrics["seconds"],
+    }
+    write_json(saved, result)
+    return result
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per task and method: the spread over seeds of the clean score, of each PGD score and of the training time."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        table.setdefault(run["task"], {}).setdefault(run["method"], {"runs": []})["runs"].append(run)
+    for methods in table.values():
+        for entry in methods.values():
+            runs_of = entry.pop("runs")
+            entry["seeds"] = [r["seed"] for r in runs_of]
+            entry["metric"] = runs_of[0]["metric"]
+            entry["clean"] = spread([r["clean"] for r in runs_of])
+            entry["pgd"] = {eps: spread([r["pgd"][eps] for r in runs_of]) for eps in runs_of[0]["pgd"]}
+            times = [r["train_seconds"] for r in runs_of if r["train_seconds"] is not None]
+            entry["train_seconds"] = spread(times) if times else None
+    return table
+
+
+def parse_list(value: str, valid: tuple[str, ...], flag: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise SystemExit(f"{flag}: unknown or no values {unknown}; choose from {list(valid)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: imdb, goemotions")
+    parser.add_argument("--methods", default=",".join(QUALITY_METHODS), help="comma-separated: none fgm pgd awp vat")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--model", default=MINILM, help="`minilm` (the installed all-MiniLM-L6-v2) or a model path")
+    parser.add_argument("--data-dir", type=Path, default=DATA, help="holds imdb/ and goemotions/ as ../shared/data")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "quality", help="one folder per run")
+    parser.add_argument("--imdb-train-samples", type=int, default=2000)
+    parser.add_argument("--imdb-epochs", type=float, default=1.0)
+    parser.add_argument("--imdb-max-length", type=int, default=128)
+    parser.add_argument("--goemotions-train-samples", type=int, default=8000)
+    parser.add_argument("--goemotions-epochs", type=float, default=2.0)
+    parser.add_argument("--goemotions-max-length", type=int, default=50)
+    parser.add_argument("--eval-samples", type=int, default=500, help="validation examples the recipe scores")
+    parser.add_argument("--test-samples", type=int, default=1000, help="test examples scored clean and attacked")
+    parser.add_argument("--attacks", nargs="+", default=["pgd"], help="hf_adv.robustness attacks (pgd at least)")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="PGD radii (L2)")
+    parser.add_argument("--pgd-steps", type=int, default=5)
+    parser.add_argument("--recipe-args", default="", help="extra recipe flags, e.g. '--learning_rate 3e-5'")
+    parser.add_argument("--output-dir", type=Path, default=DOCS, help="docs folder: benchmarks/quality.{json,png}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    tasks = parse_list(args.tasks, TASKS, "--tasks")
+    methods = parse_list(args.methods, QUALITY_METHODS, "--methods")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+    if "pgd" not in args.attacks:
+        raise SystemExit(f"--attacks must include pgd (the score under attack), got {args.attacks}")
+    for task in tasks:
+        task_files(task, args.data_dir)  # every file checked before hours of training
+    machine = machine_info()
+    runs = [run_one(task, method, seed, args) for task in tasks for method in methods for seed in seeds]
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    data = {
+        "command": command_line("benchmarks.quality")
+        if argv is None
+        else shlex.join(["python", "-m", "benchmarks.quality", *argv]),
+        "machine": machine,
+        "config": {
+            "model": args.model,
+            "seeds": seeds,
+            "imdb": {
+                "train_samples": args.imdb_train_samples,
+                "epochs": args.imdb_epochs,
+                "max_length": args.imdb_max_length,
+            },
+            "goemotions": {
+                "train_samples": args.goemotions_train_samples,
+                "epochs": args.goemotions_epochs,
+                "max_length": args.goemotions_max_length,
+            },
+            "test_samples": args.test_samples,
+            "epsilons": args.epsilons,
+            "pgd_steps": args.pgd_steps,
+            "recipe_args": args.recipe_args,
+            "method_flags": {m: method_flags(m, 1.0) for m in methods},
+        },
+        "runs": runs,
+        "results": aggregate(runs),
+    }
+    write_json(args.output_dir / "benchmarks" / "quality.json", data)
+    from . import report
+
+    print(report.render(args.output_dir))
+    return data
+
+
+if __name__ == "__main__":
+    main()
