@@ -108,7 +108,7 @@ def robustness_argv(task: str, method: str, run_dir: Path, args: argparse.Namesp
         *("--model_paths", str(run_dir), "--model_names", method, *data),
         *("--num_examples", str(args.test_samples), "--seed", "0", "--attacks", *args.attacks),
         *("--epsilons", *map(str, args.epsilons), "--pgd_steps", str(args.pgd_steps)),
-        *("--output_dir", str(run_dir / "robustness"), "--disable_tqdm", "true"),
+        *("--output_dir", str(run_dir / "robustness")),
     ]
 
 
@@ -118,6 +118,9 @@ def same_scoring(previous: list[str], scoring: list[str]) -> bool:
     scores do not depend on what else ran)."""
 
     def split(argv: list[str]) -> tuple[list[str], set[str]]:
+        if "--disable_tqdm" in argv:  # how it showed progress does not matter
+            i = argv.index("--disable_tqdm")
+            argv = argv[:i] + argv[i + 2 :]
         start = argv.index("--attacks") + 1
         end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
         return argv[: start - 1] + argv[end:], set(argv[start:end])
@@ -142,9 +145,9 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace) -> dict
             return previous
     if not (run_dir / "model.safetensors").is_file():
         command = train_command(task, method, seed, run_dir, args)
-        print(f"[quality] {task} {method} seed {seed}: training\n  {shlex.join(command)}", flush=True)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = run_dir.parent / f"seed{seed}.log"
+        print(f"[quality] {task} {method} seed {seed}: training, log in {log}\n  {shlex.join(command)}", flush=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(log, "w") as out:
             status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ).returncode

@@ -138,3 +138,4 @@ def test_a_run_scored_with_more_attacks_is_reused():
     assert quality.same_scoring(more, base) and quality.same_scoring(base, base)
     assert not quality.same_scoring(base, more)  # fewer attacks than asked
     assert not quality.same_scoring(more, [*base[:-3], "0.2", *base[-2:]])  # another epsilon
+    assert quality.same_scoring([*more, "--disable_tqdm", "true"], base)
