@@ -188,5 +188,8 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` whole or not at all (through a temporary file), so that a kill leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.replace(path)

@@ -5,15 +5,24 @@ subprocess, as a user runs it), then score the model with `hf_adv.robustness` on
 by all runs: the clean score (accuracy; micro-F1 for GoEmotions) and the score under PGD at each epsilon. The table
 gives the mean and the sample standard deviation over seeds; each run's own files stay in `--runs-dir`.
 
-Runs resume: a run folder that holds a model is not trained again, and one whose `quality.json` was scored with the
-same settings is not scored again, so an interrupted grid picks up where it stopped and seeds can be added later.
+Runs resume: a model is trained in `<run>.partial` and moved to `<run>` when the recipe succeeds, with the training
+command in `<run>/quality_train.json`; such a run is not trained again (and is refused if this invocation would train
+it with other settings), and one whose `quality.json` was scored with the same settings is not scored again, so an
+interrupted grid picks up where it stopped and seeds can be added later. A run folder that holds a model but no
+`quality_train.json` (trained by hand with the recipe) is scored as it is, with a warning.
 
     python -m benchmarks.quality                          # IMDB and GoEmotions, 5 methods, seeds 0 1 2 (hours)
-    python -m benchmarks.quality --tasks imdb --seeds 0   # one seed of IMDB
+    python -m benchmarks.quality --tasks imdb --seeds 0 --output-dir /tmp/q   # one seed of IMDB, docs/ untouched
+
+`docs/benchmarks/quality.json` and the table hold the grid of the last invocation only.
 
 Each method's settings are the adversarial keys (`adv_*`, `awp_*`, `vat_*`) of `recipes/configs/imdb_<method>.yaml`
-on top of `<task>_none.yaml`, so both tasks train a method the same way. AWP starts at half the epochs: a 1-epoch
-run has no clean epoch to wait for, which is what `imdb_awp.yaml` (2 epochs, AWP from epoch 1) assumes.
+on top of `<task>_none.yaml`, so both tasks train a method the same way. AWP is the exception: `imdb_awp.yaml` trains
+one clean epoch and then one AWP epoch; here AWP starts at half the epochs instead (`--adv_start_epoch`), so it
+perturbs only the second half of the steps, at the lower half of the decaying learning rate.
+
+The clean score of GoEmotions is micro-F1 with every logit thresholded at 0 (probability 0.5), as the robustness
+module scores it; the recipe's own test score uses the threshold tuned on the validation split.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +48,7 @@ TASKS = ("imdb", "goemotions")
 CONFIGS = ROOT / "recipes" / "configs"
 DATA = ROOT.parent / "shared" / "data"
 METHOD_KEY_PREFIXES = ("adv_", "awp_", "vat_")
+TRAINED = "quality_train.json"  # in a run folder: the command that trained its model, written once it succeeded
 
 
 def method_flags(method: str, epochs: float) -> list[str]:
@@ -131,35 +142,71 @@ def same_scoring(previous: list[str], scoring: list[str]) -> bool:
     return rest == wanted_rest and wanted <= attacks
 
 
-def run_one(task: str, method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train (unless the run folder has a model) and score (unless already scored the same way) one run."""
+def recorded_command(command: list[str], output_dir: Path) -> list[str]:
+    """The training command as recorded and compared: without the interpreter, and the output folder by name."""
+    return ["<run>" if arg == str(output_dir) else arg for arg in command[1:]]
+
+
+def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Namespace, label: str) -> None:
+    """Train the run's model with the recipe unless it is there already (see the module docstring)."""
+    wanted = recorded_command(train_command(task, method, seed, run_dir, args), run_dir)
+    marker = run_dir / TRAINED
+    if marker.is_file():
+        previous = json.loads(marker.read_text())["command"]
+        if previous != wanted:
+            differing = sorted(set(previous) ^ set(wanted))
+            raise SystemExit(
+                f"{run_dir} was trained with other settings than this invocation asks for (differing arguments: "
+                f"{differing}). Delete it, or pass another --runs-dir; nothing was changed."
+            )
+        return
+    if (run_dir / "model.safetensors").is_file():
+        print(f"[quality] {label}: {run_dir} holds a model trained outside this script: scored as it is", flush=True)
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"{run_dir} exists without a model; delete it to train this run.")
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    command = train_command(task, method, seed, partial, args)
+    log = run_dir.parent / f"seed{seed}.log"
+    print(f"[quality] {label}: training, log in {log}\n  {shlex.join(command)}", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ).returncode
+    if status:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        raise SystemExit(
+            f"{label}: the recipe failed (exit {status}); its output is in {partial} (deleted by the next start), "
+            f"log {log}:\n{tail}"
+        )
+    if run_dir.exists():
+        run_dir.rmdir()  # empty (checked above)
+    partial.rename(run_dir)
+    write_json(run_dir / TRAINED, {"command": recorded_command(command, partial)})
+    print(f"[quality] {label}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """Train (unless done) and score (unless already scored the same way) one run."""
     from hf_adv import robustness
 
     run_dir = args.runs_dir / task / method / f"seed{seed}"
     scoring = robustness_argv(task, method, run_dir, args)
     saved = run_dir / "quality.json"
+    train(task, method, seed, run_dir, args, label)
     if saved.is_file():
         previous = json.loads(saved.read_text())
         if same_scoring(previous.get("scoring", []), scoring):
-            print(f"[quality] {task} {method} seed {seed}: scored before, {saved}", flush=True)
+            print(f"[quality] {label}: scored before, {saved}", flush=True)
             return previous
-    if not (run_dir / "model.safetensors").is_file():
-        command = train_command(task, method, seed, run_dir, args)
-        log = run_dir.parent / f"seed{seed}.log"
-        print(f"[quality] {task} {method} seed {seed}: training, log in {log}\n  {shlex.join(command)}", flush=True)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with open(log, "w") as out:
-            status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ).returncode
-        if status:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-            raise SystemExit(f"{task} {method} seed {seed}: the recipe failed (exit {status}), log {log}:\n{tail}")
-        print(f"[quality]   trained in {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"[quality] {task} {method} seed {seed}: scoring", flush=True)
-    metrics = robustness.main(scoring)[method]
-    train = (
-        json.loads((run_dir / "train_results.json").read_text()) if (run_dir / "train_results.json").exists() else {}
-    )
+    print(f"[quality] {label}: scoring", flush=True)
+    try:
+        metrics = robustness.main(scoring)[method]
+    except Exception as error:
+        raise RuntimeError(f"{label}: scoring the model in {run_dir} failed") from error
+    results_file = run_dir / "train_results.json"
+    trained = json.loads(results_file.read_text()) if results_file.exists() else {}
     result = {
         "task": task,
         "method": method,
@@ -170,7 +217,7 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace) -> dict
         "num_examples": metrics["num_examples"],
         "clean": metrics["clean_accuracy"],
         "pgd": {key.split("@")[1]: value for key, value in metrics.items() if key.startswith("pgd_accuracy@")},
-        "train_seconds": train.get("train_runtime"),
+        "train_seconds": trained.get("train_runtime"),
         "scoring_seconds": metrics["seconds"],
     }
     write_json(saved, result)
@@ -240,15 +287,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks = parse_list(args.tasks, TASKS, "--tasks")
     methods = parse_list(args.methods, QUALITY_METHODS, "--methods")
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
-        raise SystemExit(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
-    if "pgd" not in args.attacks:
-        raise SystemExit(f"--attacks must include pgd (the score under attack), got {args.attacks}")
+        seeds = []
+    if not seeds:
+        raise SystemExit(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    from hf_adv.robustness import ATTACKS
+
+    if "pgd" not in args.attacks or not set(args.attacks) <= set(ATTACKS):
+        raise SystemExit(f"--attacks: pgd (the score under attack) and any of {list(ATTACKS)}, got {args.attacks}")
+    if not all(e > 0 for e in args.epsilons):
+        raise SystemExit(f"--epsilons must all be > 0, got {args.epsilons}")
     for task in tasks:
         task_files(task, args.data_dir)  # every file checked before hours of training
     machine = machine_info()
-    runs = [run_one(task, method, seed, args) for task in tasks for method in methods for seed in seeds]
+    grid = [(task, method, seed) for task in tasks for method in methods for seed in seeds]
+    runs = []
+    start = time.perf_counter()
+    for k, (task, method, seed) in enumerate(grid, 1):
+        label = f"run {k}/{len(grid)} ({time.perf_counter() - start:.0f} s so far): {task} {method} seed {seed}"
+        runs.append(run_one(task, method, seed, args, label))
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     data = {
         "command": command_line("benchmarks.quality")
@@ -272,7 +330,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "epsilons": args.epsilons,
             "pgd_steps": args.pgd_steps,
             "recipe_args": args.recipe_args,
-            "method_flags": {m: method_flags(m, 1.0) for m in methods},
+            "method_flags": {
+                task: {
+                    m: method_flags(m, args.imdb_epochs if task == "imdb" else args.goemotions_epochs) for m in methods
+                }
+                for task in tasks
+            },
         },
         "runs": runs,
         "results": aggregate(runs),
@@ -280,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(args.output_dir / "benchmarks" / "quality.json", data)
     from . import report
 
-    print(report.render(args.output_dir))
+    print(report.quality_table(data["results"]))
+    print(f"Wrote {report.render(args.output_dir)} and {args.output_dir / 'benchmarks' / 'quality.json'}")
     return data
 
 

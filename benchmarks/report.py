@@ -288,7 +288,10 @@ def quality_section(data: dict, results_dir: Path) -> list[str]:
         f"training comments, {goemotions['epochs']:g} epoch(s), {goemotions['max_length']} tokens. Scored by "
         f"`hf_adv.robustness` on {config['test_samples']} test examples (the same sample for every run): clean, and "
         f"under PGD-{config['pgd_steps']} at L2 radius epsilon per example on the embedding output. Scores in %, "
-        "mean ± sample standard deviation over seeds (no ± with one seed).",
+        "mean ± sample standard deviation over seeds (no ± with one seed). GoEmotions is scored by micro-F1 with "
+        "every logit thresholded at 0 (the recipe's own test score tunes the threshold on validation). AWP perturbs "
+        "only the second half of the steps (`--adv_start_epoch` at half the epochs), not a whole extra epoch as "
+        "`imdb_awp.yaml` does.",
         "",
         f"Command: `{data['command']}`",
         "",

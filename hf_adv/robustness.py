@@ -779,10 +779,15 @@ class RobustnessEvaluator:
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
             self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
 
     def _grid(

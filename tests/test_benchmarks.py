@@ -96,6 +96,10 @@ def test_method_flags_come_from_the_imdb_configs():
 def test_quality_refuses_unknown_names(tmp_path):
     with pytest.raises(SystemExit, match=r"--methods: unknown or no values \['freelb'\]"):
         quality.main(["--methods", "fgm,freelb", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--seeds: comma-separated integers, got ','"):
+        quality.main(["--seeds", ",", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--epsilons must all be > 0, got \[0.1, 0.0\]"):
+        quality.main(["--epsilons", "0.1", "0", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="missing data files"):
         quality.main(["--tasks", "imdb", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path)])
 
@@ -130,6 +134,15 @@ def test_quality_trains_scores_and_resumes(tiny_model, data, tmp_path):  # noqa:
     assert goemotions["metric"] == "f1_micro" and goemotions["pgd"]["4"] <= goemotions["clean"]
     saved = json.loads((tmp_path / "docs" / "benchmarks" / "quality.json").read_text())
     assert saved["config"]["seeds"] == [0] and len(saved["runs"]) == 2
+    assert not list((tmp_path / "runs").glob("*/*/*.partial"))
+    recorded = json.loads((model.parent / "quality_train.json").read_text())["command"]
+    assert "<run>" in recorded and "--adv_method" in recorded
+
+    # Other training settings for a run already trained: refused, not silently reused.
+    changed = [*common, "--tasks", "imdb", "--methods", "fgm", "--seeds", "0", "--imdb-train-samples", "12"]
+    with pytest.raises(SystemExit, match=r"was trained with other settings .*'12'.*'16'"):
+        quality.main(changed)
+    assert model.stat().st_mtime_ns == stamp
 
 
 def test_a_run_scored_with_more_attacks_is_reused():
