@@ -197,7 +197,9 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: 
     train(task, method, seed, run_dir, args, label)
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        if same_scoring(previous.get("scoring", []), scoring):
+        # Compared with the run folder by name, so that another spelling of --runs-dir (a link) is the same run.
+        by_name = [arg.replace(previous.get("run_dir", str(run_dir)), "<run>") for arg in previous.get("scoring", [])]
+        if same_scoring(by_name, [arg.replace(str(run_dir), "<run>") for arg in scoring]):
             print(f"[quality] {label}: scored before, {saved}", flush=True)
             return previous
     print(f"[quality] {label}: scoring", flush=True)

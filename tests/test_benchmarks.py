@@ -138,6 +138,13 @@ def test_quality_trains_scores_and_resumes(tiny_model, data, tmp_path):  # noqa:
     recorded = json.loads((model.parent / "quality_train.json").read_text())["command"]
     assert "<run>" in recorded and "--adv_method" in recorded
 
+    # The same runs through another spelling of --runs-dir (a link): reused, neither trained nor scored again.
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    scored = (model.parent / "quality.json").stat().st_mtime_ns
+    relinked = [*common, "--runs-dir", str(tmp_path / "link"), "--tasks", "imdb", "--methods", "fgm", "--seeds", "0"]
+    assert quality.main(relinked)["runs"][0]["clean"] == imdb["clean"]["values"][0]
+    assert (model.parent / "quality.json").stat().st_mtime_ns == scored and model.stat().st_mtime_ns == stamp
+
     # Other training settings for a run already trained: refused, not silently reused.
     changed = [*common, "--tasks", "imdb", "--methods", "fgm", "--seeds", "0", "--imdb-train-samples", "12"]
     with pytest.raises(SystemExit, match=r"was trained with other settings .*'12'.*'16'"):
