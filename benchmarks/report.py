@@ -279,19 +279,30 @@ def plot_quality(results: dict, path: Path) -> bool:
 def quality_section(data: dict, results_dir: Path) -> list[str]:
     config = data["config"]
     imdb, goemotions = config["imdb"], config["goemotions"]
+    data_text = []
+    if "imdb" in data["results"]:
+        data_text.append(
+            f"IMDB: {imdb['train_samples']} training reviews, {imdb['epochs']:g} epoch(s), "
+            f"{imdb['max_length']} tokens."
+        )
+    if "goemotions" in data["results"]:
+        data_text.append(
+            f"GoEmotions: {goemotions['train_samples']} training comments, {goemotions['epochs']:g} epoch(s), "
+            f"{goemotions['max_length']} tokens, scored by micro-F1 with every logit thresholded at 0 (the recipe's "
+            "own test score tunes the threshold on validation)."
+        )
     lines = [
         "## Quality: clean and under attack",
         "",
         f"Model {_model_name(config['model'])}, trained with the recipes (`benchmarks/quality.py` lists the flags), "
-        f"seeds {', '.join(map(str, config['seeds']))}. IMDB: {imdb['train_samples']} training reviews, "
-        f"{imdb['epochs']:g} epoch(s), {imdb['max_length']} tokens. GoEmotions: {goemotions['train_samples']} "
-        f"training comments, {goemotions['epochs']:g} epoch(s), {goemotions['max_length']} tokens. Scored by "
+        f"seeds {', '.join(map(str, config['seeds']))}. " + " ".join(data_text) + " Scored by "
         f"`hf_adv.robustness` on {config['test_samples']} test examples (the same sample for every run): clean, and "
         f"under PGD-{config['pgd_steps']} at L2 radius epsilon per example on the embedding output. Scores in %, "
-        "mean ± sample standard deviation over seeds (no ± with one seed). GoEmotions is scored by micro-F1 with "
-        "every logit thresholded at 0 (the recipe's own test score tunes the threshold on validation). AWP perturbs "
+        "mean ± sample standard deviation over seeds (no ± with one seed). AWP perturbs "
         "only the second half of the steps (`--adv_start_epoch` at half the epochs), not a whole extra epoch as "
-        "`imdb_awp.yaml` does.",
+        "`imdb_awp.yaml` does. Training time is the recipe's `train_runtime`, wall clock on whatever shared the "
+        "CPU: the cost of each method is in the step-cost section above, not here. The machine line is that of "
+        "the invocation that wrote the table; runs scored before it keep their own times.",
         "",
         f"Command: `{data['command']}`",
         "",
