@@ -3,7 +3,7 @@ PYTHON ?= python
 # requirement does not pull a multi-GB CUDA build. Elsewhere, keep the torch you have: `make install TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint format demo bench
+.PHONY: install test lint format demo bench bench-quality
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install $(TORCH),)
@@ -30,3 +30,8 @@ bench:
 	$(PYTHON) -m benchmarks.step_cost --model minilm --rounds 7 --warmup 1
 	$(PYTHON) -m benchmarks.end_to_end --model minilm --steps 6 --rounds 3
 	$(PYTHON) -m benchmarks.report
+
+# Quality (hours on a CPU): each method x seed trained with the recipes on IMDB and GoEmotions, scored clean and under
+# PGD; resumes from runs/quality, so it can be stopped and started again.
+bench-quality:
+	$(PYTHON) -m benchmarks.quality
