@@ -142,9 +142,14 @@ def same_scoring(previous: list[str], scoring: list[str]) -> bool:
     return rest == wanted_rest and wanted <= attacks
 
 
+def by_run_name(argv: list[str], run_dir: Path) -> list[str]:
+    """`argv` with the run folder written `<run>`, so that two spellings of one folder compare equal."""
+    return [arg.replace(str(run_dir), "<run>") for arg in argv]
+
+
 def recorded_command(command: list[str], output_dir: Path) -> list[str]:
     """The training command as recorded and compared: without the interpreter, and the output folder by name."""
-    return ["<run>" if arg == str(output_dir) else arg for arg in command[1:]]
+    return by_run_name(command[1:], output_dir)
 
 
 def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Namespace, label: str) -> None:
@@ -198,8 +203,8 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: 
     if saved.is_file():
         previous = json.loads(saved.read_text())
         # Compared with the run folder by name, so that another spelling of --runs-dir (a link) is the same run.
-        by_name = [arg.replace(previous.get("run_dir", str(run_dir)), "<run>") for arg in previous.get("scoring", [])]
-        if same_scoring(by_name, [arg.replace(str(run_dir), "<run>") for arg in scoring]):
+        by_name = by_run_name(previous.get("scoring", []), Path(previous.get("run_dir", run_dir)))
+        if same_scoring(by_name, by_run_name(scoring, run_dir)):
             print(f"[quality] {label}: scored before, {saved}", flush=True)
             return previous
     print(f"[quality] {label}: scoring", flush=True)

@@ -219,6 +219,10 @@ def _mean_sd(entry: dict, scale: float = 100.0) -> str:
 TASK_TITLES = {"imdb": "IMDB", "goemotions": "GoEmotions"}
 
 
+def _metric_label(entry: dict) -> str:
+    return "micro-F1" if entry["metric"] == "f1_micro" else "accuracy"
+
+
 def quality_table(results: dict) -> str:
     epsilons = sorted({eps for methods in results.values() for m in methods.values() for eps in m["pgd"]}, key=float)
     rows = [
@@ -230,7 +234,7 @@ def quality_table(results: dict) -> str:
             pgd = " | ".join(_mean_sd(entry["pgd"][eps]) if eps in entry["pgd"] else "" for eps in epsilons)
             seconds = entry.get("train_seconds")
             time_text = f"{seconds['mean'] / 60:.1f} min" if seconds else "n/a"
-            metric = "micro-F1" if entry["metric"] == "f1_micro" else "accuracy"
+            metric = _metric_label(entry)
             rows.append(
                 f"| {TASK_TITLES.get(task, task)} ({metric}) | {method} | {_mean_sd(entry['clean'])} | {pgd} "
                 f"| {', '.join(map(str, entry['seeds']))} | {time_text} |"
@@ -263,7 +267,7 @@ def plot_quality(results: dict, path: Path) -> bool:
                 capsize=2,
                 label=label,
             )
-        metric = "micro-F1" if next(iter(methods.values()))["metric"] == "f1_micro" else "accuracy"
+        metric = _metric_label(next(iter(methods.values())))
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel(f"test {metric} (%), mean ± sd over seeds")
         ax.set_title(TASK_TITLES.get(task, task), fontsize=10)
