@@ -34,9 +34,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The tests' tiny BERT; this script's folder (tests/) is first on sys.path when it runs.
+from conftest import VOCAB, tiny_model  # noqa: E402
 
 import hf_adv.methods.awp as awp_module  # noqa: E402
 import hf_adv.methods.fgm as fgm_module  # noqa: E402
@@ -50,7 +53,6 @@ WORLD = 2  # processes of the distributed run; micro-batches per step of the sin
 BATCH = 2  # per-device batch size
 STEPS = 3  # optimizer steps, exactly one epoch
 SEQ_LEN = 10
-VOCAB = 99
 
 METHODS = {
     "none": {},
@@ -207,21 +209,6 @@ class CommHookCounter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bucket0_calls_per_step.append(self.bucket0_calls - sum(self.bucket0_calls_per_step))
-
-
-def tiny_model() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
 
 
 def dataset(n: int) -> list[dict[str, torch.Tensor]]:
