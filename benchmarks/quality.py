@@ -14,7 +14,9 @@ interrupted grid picks up where it stopped and seeds can be added later. A run f
     python -m benchmarks.quality                          # IMDB and GoEmotions, 5 methods, seeds 0 1 2 (hours)
     python -m benchmarks.quality --tasks imdb --seeds 0 --output-dir /tmp/q   # one seed of IMDB, docs/ untouched
 
-`docs/benchmarks/quality.json` and the table hold the grid of the last invocation only.
+`docs/benchmarks/quality.json` and the table hold the grid of the last invocation only. With `--no-train` that
+invocation trains nothing: the table holds the runs of its grid trained so far (each method's row names its seeds),
+the others are listed under `missing`, so a grid can be published while it is still running.
 
 Each method's settings are the adversarial keys (`adv_*`, `awp_*`, `vat_*`) of `recipes/configs/imdb_<method>.yaml`
 on top of `<task>_none.yaml`, so both tasks train a method the same way. AWP is the exception: `imdb_awp.yaml` trains
@@ -152,8 +154,9 @@ def recorded_command(command: list[str], output_dir: Path) -> list[str]:
     return by_run_name(command[1:], output_dir)
 
 
-def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Namespace, label: str) -> None:
-    """Train the run's model with the recipe unless it is there already (see the module docstring)."""
+def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Namespace, label: str) -> bool:
+    """Train the run's model with the recipe unless it is there already (see the module docstring); whether the
+    run has a model now (False only under `--no-train`)."""
     wanted = recorded_command(train_command(task, method, seed, run_dir, args), run_dir)
     marker = run_dir / TRAINED
     if marker.is_file():
@@ -164,10 +167,13 @@ def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Names
                 f"{run_dir} was trained with other settings than this invocation asks for (differing arguments: "
                 f"{differing}). Delete it, or pass another --runs-dir; nothing was changed."
             )
-        return
+        return True
     if (run_dir / "model.safetensors").is_file():
         print(f"[quality] {label}: {run_dir} holds a model trained outside this script: scored as it is", flush=True)
-        return
+        return True
+    if args.no_train:
+        print(f"[quality] {label}: not trained yet, left out (--no-train)", flush=True)
+        return False
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"{run_dir} exists without a model; delete it to train this run.")
     partial = run_dir.with_name(run_dir.name + ".partial")
@@ -190,16 +196,19 @@ def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Names
     partial.rename(run_dir)
     write_json(run_dir / TRAINED, {"command": recorded_command(command, partial)})
     print(f"[quality] {label}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return True
 
 
-def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    """Train (unless done) and score (unless already scored the same way) one run."""
+def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: str) -> dict[str, Any] | None:
+    """Train (unless done) and score (unless already scored the same way) one run; None for a run left out by
+    `--no-train`."""
     from hf_adv import robustness
 
     run_dir = args.runs_dir / task / method / f"seed{seed}"
     scoring = robustness_argv(task, method, run_dir, args)
     saved = run_dir / "quality.json"
-    train(task, method, seed, run_dir, args, label)
+    if not train(task, method, seed, run_dir, args, label):
+        return None
     if saved.is_file():
         previous = json.loads(saved.read_text())
         # Compared with the run folder by name, so that another spelling of --runs-dir (a link) is the same run.
@@ -286,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pgd-steps", type=int, default=5)
     parser.add_argument("--recipe-args", default="", help="extra recipe flags, e.g. '--learning_rate 3e-5'")
     parser.add_argument("--output-dir", type=Path, default=DOCS, help="docs folder: benchmarks/quality.{json,png}")
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: the table holds the runs of the grid trained already (scored if they are not yet) and "
+        "lists the others as missing",
+    )
     return parser
 
 
@@ -309,11 +324,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task_files(task, args.data_dir)  # every file checked before hours of training
     machine = machine_info()
     grid = [(task, method, seed) for task in tasks for method in methods for seed in seeds]
-    runs = []
+    runs, missing = [], []
     start = time.perf_counter()
     for k, (task, method, seed) in enumerate(grid, 1):
         label = f"run {k}/{len(grid)} ({time.perf_counter() - start:.0f} s so far): {task} {method} seed {seed}"
-        runs.append(run_one(task, method, seed, args, label))
+        run = run_one(task, method, seed, args, label)
+        if run is None:
+            missing.append({"task": task, "method": method, "seed": seed})
+        else:
+            runs.append(run)
+    if not runs:
+        raise SystemExit(f"no run of the grid is trained yet ({len(grid)} left out by --no-train); nothing written")
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     data = {
         "command": command_line("benchmarks.quality")
@@ -345,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
         },
         "runs": runs,
+        "missing": missing,
         "results": aggregate(runs),
     }
     write_json(args.output_dir / "benchmarks" / "quality.json", data)

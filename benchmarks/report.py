@@ -315,6 +315,10 @@ def quality_section(data: dict, results_dir: Path) -> list[str]:
         quality_table(data["results"]),
         "",
     ]
+    missing = data.get("missing") or []
+    if missing:
+        names = ", ".join(f"{m['task']} {m['method']} seed {m['seed']}" for m in missing)
+        lines += [f"Not trained yet, so not in the table ({len(missing)} of the grid, `--no-train`): {names}.", ""]
     if plot_quality(data["results"], results_dir / "quality.png"):
         lines += ["![quality](benchmarks/quality.png)", ""]
     return lines

@@ -145,6 +145,18 @@ def test_quality_trains_scores_and_resumes(tiny_model, data, tmp_path):  # noqa:
     assert quality.main(relinked)["runs"][0]["clean"] == imdb["clean"]["values"][0]
     assert (model.parent / "quality.json").stat().st_mtime_ns == scored and model.stat().st_mtime_ns == stamp
 
+    # --no-train: the grid's trained runs only, the untrained one listed as missing and left untouched.
+    partial = quality.main([*common, "--tasks", "imdb", "--methods", "fgm,vat", "--seeds", "0", "--no-train"])
+    assert [(r["method"], r["seed"]) for r in partial["runs"]] == [("fgm", 0)]
+    assert partial["missing"] == [{"task": "imdb", "method": "vat", "seed": 0}]
+    assert not (tmp_path / "runs" / "imdb" / "vat").exists() and model.stat().st_mtime_ns == stamp
+    assert (
+        "Not trained yet, so not in the table (1 of the grid, `--no-train`): imdb vat seed 0."
+        in (tmp_path / "docs" / "benchmarks.md").read_text()
+    )
+    with pytest.raises(SystemExit, match="no run of the grid is trained yet"):
+        quality.main([*common, "--tasks", "imdb", "--methods", "vat", "--seeds", "0", "--no-train"])
+
     # Other training settings for a run already trained: refused, not silently reused.
     changed = [*common, "--tasks", "imdb", "--methods", "fgm", "--seeds", "0", "--imdb-train-samples", "12"]
     with pytest.raises(SystemExit, match=r"was trained with other settings .*'12'.*'16'"):
