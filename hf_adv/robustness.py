@@ -1073,6 +1073,14 @@ def _number(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
 
+def _plot_title(results: dict[str, dict[str, Any]], metric_name: str) -> str:
+    """The plot's title, naming only the attacks it shows."""
+    shown = {a for metrics in results.values() for a in ("pgd", "fgm") if _epsilon_series(metrics, a)}
+    parts = [f"PGD-{_steps(results)} (solid)"] if "pgd" in shown else []
+    parts += ["FGM (dashed)"] if "fgm" in shown else []
+    return f"{metric_name} under " + " and ".join(parts) if parts else f"clean {metric_name}"
+
+
 def plot_accuracy(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """Accuracy against epsilon, one colour per model: PGD solid, FGM dashed, clean accuracy at epsilon 0."""
     import matplotlib
@@ -1098,7 +1106,7 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
             )
     ax.set_xlabel("epsilon (L2 per example, input embedding output)")
     ax.set_ylabel(f"{metric_name} under attack (%)")
-    ax.set_title(f"{metric_name} under PGD-{_steps(results)} (solid) and FGM (dashed)")
+    ax.set_title(_plot_title(results, metric_name))
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

@@ -276,3 +276,16 @@ def test_cli_runs_as_a_module_without_warnings():
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "--model_paths" in done.stdout and "--epsilons" in done.stdout
+
+
+def test_plot_title_names_only_the_attacks_shown():
+    from hf_adv.robustness import _plot_title
+
+    pgd_only = {"m": {"clean_accuracy": 0.8, "pgd_accuracy@0.1": 0.6, "pgd_steps": 5}}
+    both = {"m": {**pgd_only["m"], "fgm_accuracy@0.1": 0.7}}
+    assert _plot_title(pgd_only, "accuracy") == "accuracy under PGD-5 (solid)"
+    assert _plot_title(both, "accuracy") == "accuracy under PGD-5 (solid) and FGM (dashed)"
+    assert (
+        _plot_title({"m": {"clean_accuracy": 0.8, "fgm_accuracy@0.1": 0.7}}, "micro-F1")
+        == "micro-F1 under FGM (dashed)"
+    )
