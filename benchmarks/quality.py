@@ -93,6 +93,7 @@ def train_command(task: str, method: str, seed: int, run_dir: Path, args: argpar
             *("--test_file", str(files["test"]), "--column_names", "text,labels,id"),
             *("--class_names_file", str(files["labels"]), "--max_train_samples", str(args.goemotions_train_samples)),
             *("--max_seq_length", str(args.goemotions_max_length)),
+            *(["--pos_weight", args.goemotions_pos_weight] if args.goemotions_pos_weight != "none" else []),
         ]
     return [
         sys.executable,
@@ -286,8 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imdb-epochs", type=float, default=1.0)
     parser.add_argument("--imdb-max-length", type=int, default=128)
     parser.add_argument("--goemotions-train-samples", type=int, default=8000)
-    parser.add_argument("--goemotions-epochs", type=float, default=2.0)
+    parser.add_argument("--goemotions-epochs", type=float, default=1.0)
     parser.add_argument("--goemotions-max-length", type=int, default=50)
+    parser.add_argument(
+        "--goemotions-pos-weight",
+        default="auto",
+        help="the multilabel recipe's --pos_weight ('none' to leave it out): without it the 28 sigmoids collapse to "
+        "the label priors at these settings (see docs/benchmarks.md)",
+    )
     parser.add_argument("--eval-samples", type=int, default=500, help="validation examples the recipe scores")
     parser.add_argument("--test-samples", type=int, default=1000, help="test examples scored clean and attacked")
     parser.add_argument("--attacks", nargs="+", default=["pgd"], help="hf_adv.robustness attacks (pgd at least)")
@@ -353,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "train_samples": args.goemotions_train_samples,
                 "epochs": args.goemotions_epochs,
                 "max_length": args.goemotions_max_length,
+                "pos_weight": args.goemotions_pos_weight,
             },
             "test_samples": args.test_samples,
             "epsilons": args.epsilons,
