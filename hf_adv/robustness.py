@@ -1053,11 +1053,17 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         row = {**results[name], "_name": name}
         lines.append("| " + " | ".join(fmt(row) for _, fmt in columns) + " |")
     lines.append("")
-    lines.append(
-        f"{metric_name.capitalize()}, success rates and tokens changed in %; epsilon and minimal perturbation in L2 "
-        "norm per example of the input embedding output."
-    )
+    lines.append(_units(metric_name, results))
     return "\n".join(lines) + "\n"
+
+
+def _units(metric_name: str, results: dict[str, dict[str, Any]]) -> str:
+    """The table's footnote: the units of the columns it has."""
+    has_word = any("word_attack_success_rate" in r for r in results.values())
+    has_minimal = any("min_perturbation_mean" in r for r in results.values())
+    percent = metric_name[0].upper() + metric_name[1:] + (", success rates and tokens changed" if has_word else "")
+    norms = "epsilon and minimal perturbation" if has_minimal else "epsilon"
+    return f"{percent} in %; {norms} in L2 norm per example of the input embedding output."
 
 
 def _steps(results: dict[str, dict[str, Any]]) -> str:

@@ -289,3 +289,14 @@ def test_plot_title_names_only_the_attacks_shown():
         _plot_title({"m": {"clean_accuracy": 0.8, "fgm_accuracy@0.1": 0.7}}, "micro-F1")
         == "micro-F1 under FGM (dashed)"
     )
+
+
+def test_table_footnote_gives_the_units_of_the_columns_it_has():
+    from hf_adv.robustness import markdown_table
+
+    grid = {"m": {"clean_accuracy": 0.8, "pgd_accuracy@0.1": 0.6, "pgd_steps": 5, "metric": "f1_micro"}}
+    footnote = markdown_table(grid).strip().splitlines()[-1]
+    assert footnote == "Micro-F1 in %; epsilon in L2 norm per example of the input embedding output."
+    full = {"m": {**grid["m"], "metric": "accuracy", "min_perturbation_mean": 0.3, "word_attack_success_rate": 0.8}}
+    footnote = markdown_table(full).strip().splitlines()[-1]
+    assert footnote.startswith("Accuracy, success rates and tokens changed in %; epsilon and minimal perturbation")
