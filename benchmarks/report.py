@@ -290,9 +290,12 @@ def quality_section(data: dict, results_dir: Path) -> list[str]:
             f"{imdb['max_length']} tokens."
         )
     if "goemotions" in data["results"]:
+        pos_weight = goemotions.get("pos_weight", "none")  # not recorded before it became a setting
         data_text.append(
             f"GoEmotions: {goemotions['train_samples']} training comments, {goemotions['epochs']:g} epoch(s), "
-            f"{goemotions['max_length']} tokens, scored by micro-F1 with every logit thresholded at 0 (the recipe's "
+            f"{goemotions['max_length']} tokens"
+            + (f", `--pos_weight {pos_weight}`" if pos_weight != "none" else "")
+            + ", scored by micro-F1 with every logit thresholded at 0 (the recipe's "
             "own test score tunes the threshold on validation)."
         )
     lines = [
