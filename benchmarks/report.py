@@ -259,20 +259,26 @@ def plot_quality(results: dict, path: Path) -> bool:
         width = 0.8 / len(series)
         for j, (label, get) in enumerate(series):
             entries = [get(methods[n]) for n in names]
-            ax.bar(
-                [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))],
-                [100 * e["mean"] for e in entries],
-                width,
-                yerr=[100 * (e["std"] or 0) for e in entries],
-                capsize=2,
-                label=label,
-            )
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(xs, [100 * e["mean"] for e in entries], width, label=label)
+            spread = [(x, e) for x, e in zip(xs, entries) if e["std"] is not None]  # one seed: no bar, not a 0
+            if spread:
+                ax.errorbar(
+                    [x for x, _ in spread],
+                    [100 * e["mean"] for _, e in spread],
+                    yerr=[100 * e["std"] for _, e in spread],
+                    fmt="none",
+                    ecolor="black",
+                    elinewidth=0.8,
+                    capsize=2,
+                )
         metric = _metric_label(next(iter(methods.values())))
-        ax.set_xticks(range(len(names)), names)
+        seeds = [len(methods[n]["seeds"]) for n in names]
+        ax.set_xticks(range(len(names)), [f"{n}\n{k} seed{'s' if k > 1 else ''}" for n, k in zip(names, seeds)])
         ax.set_ylabel(f"test {metric} (%), mean ± sd over seeds")
         ax.set_title(TASK_TITLES.get(task, task), fontsize=10)
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=len(series), loc="upper center", frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
