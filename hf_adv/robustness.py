@@ -1033,13 +1033,15 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         for e in epsilons[attack]:
             key = f"{attack}_accuracy@{epsilon_key(e)}"
             columns.append((f"{label} eps {epsilon_key(e)}", lambda r, key=key: _percent(r.get(key))))
-    if any("min_perturbation_mean" in r for r in results.values()):
+    has_minimal = any("min_perturbation_mean" in r for r in results.values())
+    has_word = any("word_attack_success_rate" in r for r in results.values())
+    if has_minimal:
         columns += [
             ("min. perturbation mean", lambda r: _number(r.get("min_perturbation_mean"))),
             ("median", lambda r: _number(r.get("min_perturbation_median"))),
             ("unflipped", lambda r: _percent(r.get("min_perturbation_unflipped"))),
         ]
-    if any("word_attack_success_rate" in r for r in results.values()):
+    if has_word:
         columns += [
             ("word attack success", lambda r: _percent(r.get("word_attack_success_rate"))),
             (f"{metric_name} under word attack", lambda r: _percent(r.get("word_attack_accuracy"))),
@@ -1053,14 +1055,12 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         row = {**results[name], "_name": name}
         lines.append("| " + " | ".join(fmt(row) for _, fmt in columns) + " |")
     lines.append("")
-    lines.append(_units(metric_name, results))
+    lines.append(_units(metric_name, has_minimal, has_word))
     return "\n".join(lines) + "\n"
 
 
-def _units(metric_name: str, results: dict[str, dict[str, Any]]) -> str:
+def _units(metric_name: str, has_minimal: bool, has_word: bool) -> str:
     """The table's footnote: the units of the columns it has."""
-    has_word = any("word_attack_success_rate" in r for r in results.values())
-    has_minimal = any("min_perturbation_mean" in r for r in results.values())
     percent = metric_name[0].upper() + metric_name[1:] + (", success rates and tokens changed" if has_word else "")
     norms = "epsilon and minimal perturbation" if has_minimal else "epsilon"
     return f"{percent} in %; {norms} in L2 norm per example of the input embedding output."
