@@ -587,7 +587,7 @@ class RobustnessReportArguments:
         default_factory=lambda: ["fgm", "pgd", "min_perturbation", "word"],
         metadata={
             "help": "Attacks of the report, any of fgm, pgd, min_perturbation, word (the minimal perturbation and "
-            "the word attack cost about 4x and 1x what fgm and pgd together cost)."
+            "the word attack cost about 2x and 0.6x what fgm and pgd together cost: docs/robustness/README.md)."
         },
     )
 
