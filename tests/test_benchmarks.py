@@ -122,6 +122,10 @@ def test_quality_trains_scores_and_resumes(tiny_model, data, tmp_path):  # noqa:
         assert "adversarial: fgm" in (Path(run["run_dir"]).parent / f"seed{run['seed']}.log").read_text()
     page = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "Quality: clean and under attack" in page and "| IMDB (accuracy) | fgm |" in page
+    # A page with only the quality table says which flags every run had, and points elsewhere for the step costs.
+    assert "extra recipe flags `--max_steps 2 --per_device_train_batch_size 4" in page
+    assert "in docs/benchmarks.md, not here" in page and "step-cost section above" not in page
+    assert "classic.py" not in page and "AWP perturbs" not in page
     assert (tmp_path / "docs" / "benchmarks" / "quality.png").is_file()
 
     # A second grid trains only the new run (GoEmotions, multi-label) and reuses the scored one.
