@@ -286,7 +286,7 @@ def plot_quality(results: dict, path: Path) -> bool:
     return True
 
 
-def quality_section(data: dict, results_dir: Path, cost_above: bool = True) -> list[str]:
+def quality_section(data: dict, results_dir: Path, cost_above: bool) -> list[str]:
     """`cost_above`: the page has the step-cost section the text points to (a quality-only page points to
     docs/benchmarks.md)."""
     config = data["config"]
@@ -350,11 +350,9 @@ def render(docs_dir: Path = DOCS) -> Path:
     results_dir = docs_dir / "benchmarks"
     end_to_end = _load(results_dir / "end_to_end.json")
     step_costs = sorted(results_dir.glob("step_cost*.json"), key=lambda p: (p.stem != "step_cost", p.stem))
-    try:
-        shown = docs_dir.resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        shown = str(docs_dir)
-    rerender = "python -m benchmarks.report" + ("" if docs_dir.resolve() == DOCS else f" --output-dir {shown}")
+    resolved = docs_dir.resolve()
+    shown = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(docs_dir)
+    rerender = "python -m benchmarks.report" + ("" if resolved == DOCS else f" --output-dir {shown}")
     lines = [
         "# Benchmarks",
         "",
