@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .losses import DIVERGENCE_CHOICES
 from .methods import list_methods
 
 
@@ -71,6 +72,16 @@ class AdversarialTrainingArguments(TrainingArguments):
     vat_epsilon: float = field(default=1.0, metadata={"help": "VAT: L2 size of the perturbation per example."})
     vat_xi: float = field(default=10.0, metadata={"help": "VAT: size of the probe direction in power iteration."})
     vat_iterations: int = field(default=1, metadata={"help": "VAT: number of power iterations."})
+    vat_divergence: str = field(
+        default="auto",
+        metadata={
+            "help": "VAT: distance between clean and perturbed predictions. kl: softmax KL (single-label, multiple "
+            "choice, token classification, language models); bernoulli: per-label sigmoid KL summed over labels "
+            "(multi-label); mse: squared error (regression). auto: from the model config's problem_type and "
+            "num_labels, or for a model without a config from the labels (integer: kl; float 0/1 of the logits' "
+            "shape: bernoulli; other float: mse)."
+        },
+    )
     # -- robustness in evaluate() -----------------------------------------------------------------------------------
     robust_eval_epsilons: list[float] | None = field(
         default=None,
@@ -105,6 +116,8 @@ class AdversarialTrainingArguments(TrainingArguments):
         for name in ("adv_steps", "vat_iterations", "robust_eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.vat_divergence not in DIVERGENCE_CHOICES:
+            raise ValueError(f"vat_divergence={self.vat_divergence!r} is not one of {list(DIVERGENCE_CHOICES)}.")
         if not self.vat_weight >= 0:
             raise ValueError(f"vat_weight must be >= 0 (0 disables VAT), got {self.vat_weight}.")
         if self.adv_start_epoch is not None and self.adv_start_epoch < 0:

@@ -1,16 +1,21 @@
 """Finding the input embedding of a model and watching what flows through it.
 
-Every method in `hf_adv` works on the input word embedding: FGM, FGSM and PGD perturb the rows of its weight that
-the batch looks up, VAT perturbs its output. `EmbeddingTap` is the one forward hook they share. During a
-grad-enabled forward it records the looked-up indices and the output, so that a method can get the gradient of
-the loss with respect to exactly the rows the batch touched, without materializing or copying the dense
-vocab x hidden gradient of the weight.
+Every method in `hf_adv` works on the OUTPUT of the input word embedding, never on its weight: FGM, FGSM and PGD add
+a perturbation shared by every occurrence of a vocabulary row (delta[b, t] = r[row(b, t)], the classic token-level
+form), VAT adds one per position. `EmbeddingTap` is the one set of forward hooks they share, on every module that
+looks up the embedding weight (an encoder-decoder's encoder and decoder `embed_tokens`, a siamese model's second
+call). During a grad-enabled forward it records each lookup's indices and output, so that a method gets the
+gradient of the loss with respect to exactly the rows the batch touched, as `nn.Embedding`'s own backward would
+compute it, without materializing the dense vocab x hidden gradient; and it adds the perturbation to the outputs.
+No weight is ever written: tied LM heads, shared encoder-decoder embeddings, low-precision, frozen and sharded
+weights all see the weight as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -26,15 +31,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def find_input_embedding(model: nn.Module, parameter_name: str | None = None) -> tuple[nn.Module, nn.Parameter]:
+def find_input_embedding(
+    model: nn.Module, parameter_name: str | None = None, *, argument: str = "embedding_name"
+) -> tuple[nn.Module, nn.Parameter]:
     """Find the input word-embedding module of `model` and its weight.
 
     Args:
         model (`nn.Module`):
             The model, possibly wrapped in DDP, `torch.compile` or PEFT.
         parameter_name (`str`, *optional*):
-            Name of the embedding weight as in `model.named_parameters()` (for example
-            `"bert.embeddings.word_embeddings.weight"`). By default the weight of `model.get_input_embeddings()`.
+            Name of the embedding weight as in `model.named_parameters(remove_duplicate=False)` (for example
+            `"bert.embeddings.word_embeddings.weight"`, or `"transformer.encoder.embed_tokens.weight"` for a weight
+            tied to another name). By default the weight of `model.get_input_embeddings()`.
+        argument (`str`, *optional*): how the caller names `parameter_name` in error messages
+            (`adv_embedding_name` in the trainer's arguments).
 
     Raises:
         `ValueError`: when the model has no input embeddings or no parameter of that name.
@@ -49,146 +59,247 @@ def find_input_embedding(model: nn.Module, parameter_name: str | None = None) ->
             except NotImplementedError:
                 module = None
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            if getter is None:
+                found = "has no `get_input_embeddings()` method"
+            elif module is None:
+                found = "returned None from `get_input_embeddings()`"
+            else:
+                found = f"returned a {type(module).__name__} without a `weight` from `get_input_embeddings()`"
             raise ValueError(
-                f"{type(model).__name__} has no input embeddings: `model.get_input_embeddings()` returned "
-                f"{type(module).__name__ if module is not None else None}. Adversarial training perturbs the input "
-                "word embeddings; pass `adv_embedding_name` with the name of the embedding weight "
-                "(one of the model's `named_parameters()`)."
+                f"{type(model).__name__} has no input embeddings: it {found}. Adversarial training perturbs the "
+                f"output of the input word embedding; pass `{argument}` with the name of the embedding weight (one "
+                f"of the model's `named_parameters()`), or give the model a `get_input_embeddings()` method."
             )
         return module, module.weight
 
-    parameters = dict(model.named_parameters())
+    # Tied weights appear under one name only in `named_parameters()`; accept every name they have.
+    parameters = dict(model.named_parameters(remove_duplicate=False))
     if parameter_name not in parameters:
         candidates = [name for name, p in parameters.items() if p.dim() == 2 and "emb" in name.lower()]
         raise ValueError(
-            f"adv_embedding_name={parameter_name!r} is not a parameter of {type(model).__name__}. "
+            f"{argument}={parameter_name!r} is not a parameter of {type(model).__name__}. "
             f"Embedding-like parameters of this model: {candidates or 'none'}."
         )
     module_name, _, attribute = parameter_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attribute != "weight" or parameters[parameter_name].dim() != 2:
         raise ValueError(
-            f"adv_embedding_name={parameter_name!r} must name the 2-D `weight` of an embedding module "
+            f"{argument}={parameter_name!r} must name the 2-D `weight` of an embedding module "
             f"(vocab x hidden), got a {tuple(parameters[parameter_name].shape)} tensor named {attribute!r}."
         )
     return module, parameters[parameter_name]
 
 
-class EmbeddingTap:
-    """A forward hook on the input embedding that records lookups and can shift the output.
+def lookup_modules(model: nn.Module, module: nn.Module, weight: torch.Tensor) -> list[nn.Module]:
+    """`module` and every other `nn.Embedding` of `model` that looks up the same `weight` (a tied LM head is an
+    `nn.Linear` and is not one of them)."""
+    found = [module]
+    for candidate in unwrap_model(model).modules():
+        if candidate is not module and isinstance(candidate, nn.Embedding) and candidate.weight is weight:
+            found.append(candidate)
+    return found
 
-    While attached, every grad-enabled forward of the embedding appends its indices and its output to
-    `self.indices` / `self.outputs`, and a tensor hook stores the output's gradient in `self.output_grads` when a
-    backward reaches it. `self.delta`, when set, is added to the output (VAT perturbs the embedding output this way).
+
+Delta = torch.Tensor | Sequence[torch.Tensor]
+
+
+class EmbeddingTap:
+    """Forward hooks on the input embedding lookups that record them and can shift their outputs.
+
+    While active, every call of a lookup module appends its output's shape to `self.shapes`, and every grad-enabled
+    call appends its indices, its module and its output to `self.indices` / `self.lookups` / `self.outputs`; a
+    tensor hook stores the output's gradient at the same position of `self.output_grads` when a backward reaches it
+    (so two lookups before one backward are never swapped). `self.delta`, when set, is added to the outputs: one
+    tensor for every lookup, or a sequence with one tensor per lookup of a forward, in call order.
+
+    The hooks can be installed once (`install()`) and stay inactive until `attached()` or `attach()`: a
+    `torch.compile`d model must have them before its first compiled forward.
 
     Args:
         module (`nn.Module`): the embedding module, called with token indices.
         weight (`nn.Parameter`): its weight, vocab x hidden.
+        modules (`list[nn.Module]`, *optional*): every module that looks up `weight` (see `lookup_modules`);
+            by default `module` alone.
     """
 
-    def __init__(self, module: nn.Module, weight: torch.Tensor):
+    def __init__(self, module: nn.Module, weight: torch.Tensor, modules: Sequence[nn.Module] | None = None):
         self.module = module
         self.weight = weight
-        self.padding_idx = getattr(module, "padding_idx", None)
-        self.scale_grad_by_freq = getattr(module, "scale_grad_by_freq", False)
-        self.delta: torch.Tensor | None = None
-        self._handle = None
-        self._depth = 0
+        self.modules = list(modules) if modules else [module]
+        self.delta: Delta | None = None
+        self.active = False
+        self._handles: list = []
+        self._calls = 0
         self.reset()
 
+    @property
+    def padding_idx(self) -> int | None:
+        return getattr(self.module, "padding_idx", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[-1]
+
     # -- attaching -------------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the hooks (inactive until `attached()`/`attach()`)."""
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+
+    def uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def attach(self) -> None:
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook)
+        """Install the hooks and keep them active until `detach()`."""
+        self.install()
+        self.active = True
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self.active = False
+        self.uninstall()
         self.reset()
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[EmbeddingTap]:
-        """Attach for the duration of the block (re-entrant); the hook is removed on exit."""
-        was_attached = self._handle is not None
-        self.attach()
+        """Active for the duration of the block (re-entrant); on exit the recordings are dropped and hooks installed
+        here are removed."""
+        was_installed, was_active = bool(self._handles), self.active
+        self.install()
+        self.active = True
         try:
             yield self
         finally:
-            if not was_attached:
-                self.detach()
+            self.active = was_active
+            if not was_active:
+                self.reset()  # no recorded tensor outlives the block
+            if not was_installed:
+                self.uninstall()
 
     @contextlib.contextmanager
-    def shifted(self, delta: torch.Tensor) -> Iterator[None]:
-        """Add `delta` to the embedding output during the block."""
+    def shifted(self, delta: Delta) -> Iterator[None]:
+        """Add `delta` to the lookup outputs during the block (see the class docstring for its forms)."""
         previous, self.delta = self.delta, delta
+        self._calls = 0
         try:
             yield
         finally:
             self.delta = previous
+            self._calls = 0
 
     def reset(self) -> None:
         self.indices: list[torch.Tensor] = []
+        self.lookups: list[nn.Module] = []
         self.outputs: list[torch.Tensor] = []
-        self.output_grads: list[torch.Tensor] = []
+        self.output_grads: list[torch.Tensor | None] = []
+        self.shapes: list[torch.Size] = []  # of every lookup output, also in no-grad forwards
+        self._calls = 0
+
+    @staticmethod
+    def _store_grad(grads: list, position: int, grad: torch.Tensor) -> None:
+        grads[position] = grad  # the list of the recording it belongs to, even after a reset
+
+    def _delta_for(self, output: torch.Tensor) -> torch.Tensor | None:
+        delta = self.delta
+        if delta is None:
+            return None
+        if not isinstance(delta, torch.Tensor):
+            delta = delta[self._calls % len(delta)]
+        self._calls += 1
+        if delta.shape != output.shape:
+            raise RuntimeError(
+                f"The embedding perturbation has shape {tuple(delta.shape)} but this lookup's output has shape "
+                f"{tuple(output.shape)}: every pass of a step must run the model on the same batch, with the same "
+                "embedding lookups in the same order."
+            )
+        return delta.to(output.dtype)
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not torch.is_grad_enabled():
-            if self.delta is not None:
-                return output + self.delta.to(output.dtype)
+        if not self.active or not args or not isinstance(args[0], torch.Tensor) or args[0].is_floating_point():
             return None
-        if not output.requires_grad:
-            # Frozen embeddings (PEFT, `requires_grad_(False)`): make the output a leaf that requires grad so the
-            # attack still gets its gradient. The weight itself stays frozen.
-            output = output.detach().requires_grad_(True)
-        self.indices.append(args[0])
-        self.outputs.append(output)
-        output.register_hook(self.output_grads.append)
-        if self.delta is not None:
-            return output + self.delta.to(output.dtype)
-        return output
+        delta = self._delta_for(output)
+        self.shapes.append(output.shape)
+        if torch.is_grad_enabled():
+            if not output.requires_grad:
+                # Frozen embeddings (PEFT, `requires_grad_(False)`): make the output a leaf that requires grad so the
+                # attack still gets its gradient. The weight itself stays frozen.
+                output = output.detach().requires_grad_(True)
+            self.indices.append(args[0])
+            self.lookups.append(module)
+            self.outputs.append(output)
+            self.output_grads.append(None)
+            output.register_hook(partial(self._store_grad, self.output_grads, len(self.outputs) - 1))
+        if delta is not None:
+            return output + delta
+        return output if torch.is_grad_enabled() else None
 
     # -- gradients by touched row ----------------------------------------------------------------------------------
     def touched_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sorted unique rows looked up since the last reset, and for each lookup its position among them."""
+        """The sorted unique rows looked up since the last reset, and for each lookup position its row among them."""
         if not self.indices:
             raise RuntimeError(
-                "The input embedding was not called in a grad-enabled forward since the last reset: "
-                "run the model's forward on `input_ids` (not `inputs_embeds`) before attacking."
+                "No input-embedding lookup was recorded in a grad-enabled forward since the last reset: the model "
+                "must look up `input_ids` in its input embedding (a batch of `inputs_embeds` cannot be attacked)."
             )
         flat = torch.cat([i.reshape(-1) for i in self.indices])
         return torch.unique(flat, return_inverse=True)
 
-    def rows_gradient(self, output_grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scatter gradients of the recorded outputs onto the touched rows.
+    def rows_gradient(self, output_grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scatter gradients of the recorded outputs onto the touched rows, in float32.
 
         Returns `(rows, grad)` where `grad[i]` equals `weight.grad[rows[i]]` as `nn.Embedding`'s own backward would
-        compute it for these lookups (padding row zeroed, `scale_grad_by_freq` honoured), and every other row's
-        gradient is zero.
+        compute it for these lookups (each lookup's padding positions skipped and its `scale_grad_by_freq` counts
+        applied, per call as `nn.Embedding` does), and every other row's gradient is zero. For a module that scales
+        its output (BART's scaled embedding) it is the gradient with respect to a shared offset of the output rows.
         """
         rows, inverse = self.touched_rows()
-        hidden = self.weight.shape[-1]
-        flat_grad = torch.cat([g.reshape(-1, hidden) for g in output_grads]).to(self.weight.dtype)
-        grad = torch.zeros(rows.numel(), hidden, dtype=flat_grad.dtype, device=flat_grad.device)
-        grad.index_add_(0, inverse, flat_grad)
-        if self.scale_grad_by_freq:
-            counts = torch.bincount(inverse, minlength=rows.numel()).clamp_min(1)
-            grad = grad / counts.unsqueeze(1).to(grad.dtype)
-        if self.padding_idx is not None:
-            grad[rows == self.padding_idx] = 0
-        return rows, grad
+        hidden = self.hidden_size
+        parts = []
+        for ids, module, output, grad in zip(self.indices, self.lookups, self.outputs, output_grads):
+            ids = ids.reshape(-1)
+            grad = torch.zeros_like(output) if grad is None else grad
+            grad = grad.reshape(-1, hidden).float()
+            if getattr(module, "scale_grad_by_freq", False):
+                _, position, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+                grad = grad / counts[position].unsqueeze(1).to(grad.dtype)
+            padding_idx = getattr(module, "padding_idx", None)
+            if padding_idx is not None:
+                grad = grad.masked_fill((ids == padding_idx).unsqueeze(1), 0.0)
+            parts.append(grad)
+        flat_grad = torch.cat(parts)
+        row_grad = torch.zeros(rows.numel(), hidden, dtype=flat_grad.dtype, device=flat_grad.device)
+        row_grad.index_add_(0, inverse, flat_grad)
+        return rows, row_grad
 
     def captured_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row gradient of the backward passes that reached the outputs recorded since the last reset."""
-        if len(self.output_grads) != len(self.outputs):
+        missing = sum(g is None for g in self.output_grads)
+        if not self.outputs or missing == len(self.outputs):
             raise RuntimeError(
-                f"The embedding output was recorded {len(self.outputs)} times but received {len(self.output_grads)} "
-                "gradients: call `backward()` on the loss before attacking."
+                f"The embedding output was recorded {len(self.outputs)} times but received no gradient: call "
+                "`backward()` on the loss before attacking."
             )
         return self.rows_gradient(self.output_grads)
 
     def gradient_of(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row gradient of `loss` for the lookups recorded since the last reset, computing no parameter gradient."""
-        output_grads = torch.autograd.grad(loss, self.outputs, allow_unused=True)
-        output_grads = [torch.zeros_like(o) if g is None else g for o, g in zip(self.outputs, output_grads)]
-        return self.rows_gradient(output_grads)
+        return self.rows_gradient(self.output_gradients(loss))
+
+    def output_gradients(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
+        """Gradient of `loss` with respect to each recorded output (None where it does not depend on one)."""
+        return list(torch.autograd.grad(loss, self.outputs, allow_unused=True))
+
+    def row_deltas(self, r: torch.Tensor) -> list[torch.Tensor]:
+        """One output perturbation per recorded lookup: delta[b, t] = r[row(b, t)] for the touched-row offsets `r`."""
+        _, inverse = self.touched_rows()
+        deltas, start = [], 0
+        for ids in self.indices:
+            n = ids.numel()
+            deltas.append(r[inverse[start : start + n]].reshape(*ids.shape, r.shape[-1]))
+            start += n
+        return deltas
+
+    def output_shapes(self) -> list[torch.Size]:
+        """Shapes of the lookup outputs since the last reset, in call order."""
+        return list(self.shapes)

@@ -1,7 +1,8 @@
-"""Losses shared by the trainer and VAT: divergences between predictions, and supervised losses that let examples
-without a label through (semi-supervised VAT)."""
+"""What the trainer reads from a model's outputs, and VAT's divergences between clean and perturbed predictions."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,11 @@ IGNORE_INDEX = -100
 
 SINGLE_LABEL = "single_label_classification"
 MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+
+# `vat_divergence` values: the problem type each divergence belongs to.
+DIVERGENCES = {"kl": SINGLE_LABEL, "bernoulli": MULTI_LABEL, "mse": REGRESSION}
+DIVERGENCE_CHOICES = ("auto", *DIVERGENCES)
 
 
 def infer_problem_type(config, labels: torch.Tensor | None) -> str:
@@ -18,57 +24,139 @@ def infer_problem_type(config, labels: torch.Tensor | None) -> str:
     if problem_type:
         return problem_type
     if getattr(config, "num_labels", 2) == 1:
-        return "regression"
+        return REGRESSION
     if labels is None or labels.dtype in (torch.long, torch.int):
         return SINGLE_LABEL
     return MULTI_LABEL
 
 
+def find_logits(outputs) -> torch.Tensor:
+    """The logits (predictions) in a model's outputs: the tensor itself, the `logits` entry of a dict or
+    `ModelOutput`, or the first tensor of a tuple after a leading scalar loss.
+
+    Raises:
+        `ValueError`: when the outputs hold no such tensor.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+        raise ValueError(
+            f"VAT needs the model's predictions, but its output is a {type(outputs).__name__} with keys "
+            f"{sorted(outputs)} and no 'logits'. Return a logits tensor, a tuple with the logits first (after the "
+            "loss, if any), or a dict with 'logits'; and set vat_divergence to kl, bernoulli or mse."
+        )
+    if isinstance(outputs, (tuple, list)):
+        tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
+        if tensors and tensors[0].dim() == 0:
+            tensors = tensors[1:]
+        if tensors:
+            return tensors[0]
+    raise ValueError(
+        f"VAT needs the model's predictions, but its output is a {type(outputs).__name__} holding no logits tensor. "
+        "Return a logits tensor, a tuple with the logits first, or a dict with 'logits'; and set vat_divergence to "
+        "kl, bernoulli or mse."
+    )
+
+
+def resolve_divergence(setting: str, config, labels: torch.Tensor | None, logits: torch.Tensor) -> str:
+    """The divergence VAT uses: `setting` unless it is `"auto"`, then from the model's config (`problem_type`,
+    `num_labels == 1` for regression) as transformers decides its own loss, and for a model without a config from
+    the labels: integer labels -> kl; float labels of the logits' shape, all 0 or 1 -> bernoulli; other float labels
+    -> mse.
+
+    Raises:
+        `ValueError`: when `"auto"` cannot decide (a model without a config, and no labels in the batch).
+    """
+    if setting != "auto":
+        return setting
+    if config is not None and (getattr(config, "problem_type", None) or hasattr(config, "num_labels")):
+        return {v: k for k, v in DIVERGENCES.items()}.get(infer_problem_type(config, labels), "kl")
+    if labels is None:
+        raise ValueError(
+            "vat_divergence='auto' cannot tell what this model predicts: it has no config and the batch has no "
+            "labels. Set vat_divergence to 'kl' (softmax classes), 'bernoulli' (one sigmoid per label) or 'mse' "
+            "(regression)."
+        )
+    if not labels.is_floating_point():
+        return "kl"
+    known = labels[labels != IGNORE_INDEX]
+    if labels.shape == logits.shape and logits.shape[-1] > 1 and bool(((known == 0) | (known == 1)).all()):
+        return "bernoulli"
+    return "mse"
+
+
 def softmax_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(clean) || softmax(logits)), summed over classes, mean over examples; clean is not differentiated."""
+    """KL(softmax(clean) || softmax(logits)) over the last dimension, one value per prediction."""
     clean_log_p = F.log_softmax(clean_logits.detach().float(), dim=-1)
     log_q = F.log_softmax(logits.float(), dim=-1)
-    return (clean_log_p.exp() * (clean_log_p - log_q)).sum(-1).mean()
+    return (clean_log_p.exp() * (clean_log_p - log_q)).sum(-1)
 
 
 def bernoulli_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-label Bernoulli KL(sigmoid(clean) || sigmoid(logits)), summed over labels, mean over examples."""
+    """Per-label Bernoulli KL(sigmoid(clean) || sigmoid(logits)), summed over the last dimension."""
     clean = clean_logits.detach().float()
     logits = logits.float()
     p = torch.sigmoid(clean)
     kl = p * (F.logsigmoid(clean) - F.logsigmoid(logits)) + (1 - p) * (F.logsigmoid(-clean) - F.logsigmoid(-logits))
-    return kl.sum(-1).mean()
+    return kl.sum(-1)
 
 
-def divergence(problem_type: str):
-    if problem_type == SINGLE_LABEL:
-        return softmax_kl
-    if problem_type == MULTI_LABEL:
-        return bernoulli_kl
-    raise ValueError(
-        f"VAT needs a classification model; problem_type={problem_type!r} is not one of {[SINGLE_LABEL, MULTI_LABEL]}."
-    )
+def squared_error(clean_outputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Squared error between clean and perturbed predictions, summed over the last dimension."""
+    return (outputs.float() - clean_outputs.detach().float()).square().sum(-1)
 
 
-def has_missing_labels(labels: torch.Tensor) -> bool:
-    return bool((labels == IGNORE_INDEX).any())
+_PER_PREDICTION = {"kl": softmax_kl, "bernoulli": bernoulli_kl, "mse": squared_error}
 
 
-def masked_classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
-    """Supervised loss over the labelled part of a batch, 0 (with a graph) when nothing is labelled.
+def divergence(
+    name: str, positions: torch.Tensor | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """D(clean, perturbed) averaged over examples, or over the real positions of per-token predictions.
 
-    Single-label: cross-entropy over examples whose label is not -100. Multi-label: BCE with logits over the
-    (example, label) entries that are not -100, so a row of all -100 is an unlabelled example.
+    Args:
+        name (`str`): `kl`, `bernoulli` or `mse`.
+        positions (`torch.Tensor`, *optional*): batch x sequence mask (1 for a real token) of per-token predictions
+            (logits of shape batch x sequence x classes); the mean is then over the masked-in positions only, so
+            padding changes nothing. Ignored for logits whose first two dimensions do not match it.
     """
-    if problem_type == SINGLE_LABEL:
-        labels = labels.reshape(-1)
-        labelled = labels != IGNORE_INDEX
-        if not labelled.any():
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.reshape(labels.numel(), -1)[labelled], labels[labelled])
-    if problem_type == MULTI_LABEL:
-        labelled = labels != IGNORE_INDEX
-        if not labelled.any():
-            return logits.sum() * 0.0
-        return F.binary_cross_entropy_with_logits(logits[labelled], labels[labelled].to(logits.dtype))
-    raise ValueError(f"Labels of -100 (unlabelled examples) need a classification model, not {problem_type!r}.")
+    per_prediction = _PER_PREDICTION[name]
+    if name == "mse" and positions is not None:
+        positions = None  # regression heads predict per example (batch x targets); nothing to mask
+
+    def distance(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if clean_logits.dim() == 1 and name == "mse":  # a squeezed single-target regressor: batch
+            clean_logits, logits = clean_logits.unsqueeze(-1), logits.unsqueeze(-1)
+        values = per_prediction(clean_logits, logits)
+        if positions is not None and values.dim() == 2 and values.shape == positions.shape:
+            mask = positions.to(values.dtype)
+            return (values * mask).sum() / mask.sum().clamp_min(1.0)
+        return values.mean()
+
+    return distance
+
+
+def prediction_positions(inputs: Mapping, logits: torch.Tensor) -> torch.Tensor | None:
+    """The mask of real positions for per-token logits (batch x sequence x classes): the decoder attention mask, the
+    attention mask, or the labels that are not -100, whichever matches the logits' first two dimensions."""
+    if logits.dim() != 3:
+        return None
+    for key in ("decoder_attention_mask", "attention_mask"):
+        mask = inputs.get(key)
+        if isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:2]:
+            return mask
+    labels = inputs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:2]:
+        return labels != IGNORE_INDEX
+    return None
+
+
+def unlabelled_rows(labels) -> torch.Tensor | None:
+    """Rows (first dimension) whose every label is -100, or None when there are none."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] == 0:
+        return None
+    missing = (labels == IGNORE_INDEX).reshape(labels.shape[0], -1).all(-1)
+    return missing if bool(missing.any()) else None

@@ -1,14 +1,18 @@
 """`AdversarialTrainer`: `transformers.Trainer` with FGM, FGSM, PGD or AWP and a VAT term in every training step.
 
 Data flow: `AdversarialTrainingArguments` (flat `adv_*`, `awp_*`, `vat_*` fields) -> `AdversarialTrainer.__init__`
-builds one method object from `hf_adv.methods` (and a `VAT`) -> `training_step` runs, for each micro-batch:
+builds one method object from `hf_adv.methods` (and a `VAT`) and installs their embedding hooks, inactive, before
+any `torch.compile` -> `training_step` runs, for each micro-batch:
 
-1. the clean forward and backward, its gradient captured by the method;
-2. the adversarial pass inside `method.perturbed()`, whose gradient adds to the clean one;
-3. the VAT pass, whose gradient adds too.
+1. the clean pass: the user's `compute_loss` (or `compute_loss_func`, label smoothing, the model's own loss) and its
+   backward, the gradient at the embedding output captured by the method;
+2. the perturbation passes inside `method.perturbed()`, whose gradients add to the clean one;
+3. the regularizer term (VAT), whose gradient adds too;
+4. the losses, logged with the training loss.
 
-Every backward but the last runs under `accelerator.no_sync`, and the last one triggers the DDP all-reduce, so
-gradients are reduced once per optimizer step whatever the number of passes.
+Every pass gets its own shallow copy of the batch, so a `compute_loss` that pops `labels` changes nothing for the
+next pass. Every backward but the last runs under `accelerator.no_sync`, and the last one triggers the DDP
+all-reduce, so gradients are reduced once per optimizer step whatever the number of passes.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ import contextlib
 from collections import defaultdict
 
 import torch
+import transformers
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 from transformers.utils import logging
 
 from .arguments import AdversarialTrainingArguments
-from .embedding import unwrap_model
-from .losses import MULTI_LABEL, SINGLE_LABEL, has_missing_labels, infer_problem_type, masked_classification_loss
+from .embedding import EmbeddingTap, unwrap_model
+from .losses import divergence, find_logits, prediction_positions, resolve_divergence, unlabelled_rows
 from .methods import VAT, AdversarialMethod, get_method_class
 
 logger = logging.get_logger(__name__)
@@ -33,11 +39,8 @@ logger = logging.get_logger(__name__)
 METRICS = ("clean_loss", "adv_loss", "adv_perturbation_norm", "adv_skipped", "vat_loss", "vat_skipped")
 SUMMED_METRICS = ("adv_skipped", "vat_skipped")
 
-
-def _logits(outputs) -> torch.Tensor:
-    if isinstance(outputs, dict):
-        return outputs["logits"]
-    return outputs[1] if len(outputs) > 1 else outputs[0]
+# `gradient_checkpointing_enable()` without kwargs: reentrant checkpointing before transformers 5, not since.
+_REENTRANT_BY_DEFAULT = int(transformers.__version__.split(".")[0]) < 5
 
 
 @contextlib.contextmanager
@@ -59,21 +62,76 @@ def _sync_in_backward(model: DistributedDataParallel, loss: torch.Tensor):
         model.require_backward_grad_sync, model.require_forward_param_sync = old
 
 
+class _OutputCapture:
+    """A forward hook on the model, installed once (before any `torch.compile`), that keeps the outputs of its last
+    call while active: VAT's clean predictions, however the user's `compute_loss` calls the model."""
+
+    def __init__(self, model: nn.Module):
+        self.active = False
+        self.outputs = None
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.active:
+            self.outputs = output
+
+    @contextlib.contextmanager
+    def capturing(self):
+        self.active, self.outputs = True, None
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _uses_reentrant_checkpointing(args, model: nn.Module) -> bool:
+    """Whether gradient checkpointing will run reentrant (`torch.autograd.grad` then fails on checkpointed layers)."""
+    enabled = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+    if enabled:
+        kwargs = (
+            getattr(args, "activation_checkpointing_kwargs", None)
+            or getattr(args, "gradient_checkpointing_kwargs", None)
+        ) or {}
+        return bool(kwargs.get("use_reentrant", _REENTRANT_BY_DEFAULT))
+    for module in unwrap_model(model).modules():  # enabled by the user on the model itself
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) is True and func is not None:
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+    return False
+
+
+def _select_rows(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
+    """The batch restricted to the rows `index` (every tensor whose first dimension is the batch)."""
+    return {
+        k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v
+        for k, v in inputs.items()
+    }
+
+
 class AdversarialTrainer(Trainer):
     """A drop-in `Trainer` whose training step adds an adversarial pass and a VAT term.
 
-    Takes the same arguments as `transformers.Trainer`; `args` must be an `AdversarialTrainingArguments`. With
+    Takes the same arguments as `transformers.Trainer`, including `compute_loss_func`, and honours a subclass's
+    `compute_loss` and `label_smoothing_factor`; `args` must be an `AdversarialTrainingArguments`. With
     `adv_method="none"` and `vat_weight=0` the training step is the parent's, untouched.
+
+    A batch row whose labels are all -100 is unlabelled: it gets no supervised pass (clean or adversarial), only the
+    VAT term (semi-supervised VAT).
 
     Logged with the training loss, to every `report_to` integration: `clean_loss`, `adv_loss`, `vat_loss` (means
     over the micro-batches since the last log), `adv_perturbation_norm`, and `adv_skipped` / `vat_skipped` (attacks
     skipped because the gradient norm was 0, NaN or Inf). The reported `loss` stays the clean loss, comparable with
     a plain `Trainer` run.
-    """
 
-    # The clean, adversarial and VAT losses are per-micro-batch means: `training_step` divides each by the number of
-    # accumulated micro-batches.
-    loss_is_scaled_for_ga = False
+    Raises:
+        `TypeError`: when `args` is not an `AdversarialTrainingArguments`.
+        `ValueError`: at construction, for a set-up the methods cannot train correctly: DeepSpeed or FSDP,
+            `torch.nn.DataParallel`, LOMO optimizers, reentrant gradient checkpointing with PGD (K > 1) or VAT, AWP
+            on weights too coarse for `awp_eps`, a model without an input embedding.
+    """
 
     def __init__(self, model: nn.Module | None = None, args: AdversarialTrainingArguments | None = None, *a, **kw):
         if args is None:
@@ -87,9 +145,14 @@ class AdversarialTrainer(Trainer):
         # Models whose forward takes **kwargs are otherwise given `num_items_in_batch` and trusted to divide by it,
         # which sequence-classification heads do not do: gradient accumulation would then sum instead of average.
         self.model_accepts_loss_kwargs = False
+        if not hasattr(self, "current_gradient_accumulation_steps"):  # set by `train()`; `training_step` alone
+            self.current_gradient_accumulation_steps = 1
         self._check_supported()
         self.adversary: AdversarialMethod | None = None
         self.vat: VAT | None = None
+        self.tap: EmbeddingTap | None = None
+        self._outputs: _OutputCapture | None = None
+        self._vat_divergence: str | None = None
         self._methods_model: nn.Module | None = None
         self._build_methods(self.model)
         self._adv_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -105,12 +168,13 @@ class AdversarialTrainer(Trainer):
         args = self.args
         if not args.adversarial:
             return
+        described = f"adv_method={args.adv_method!r} with vat_weight={args.vat_weight}"
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             engine = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
             raise ValueError(
-                f"adv_method={args.adv_method!r} with vat_weight={args.vat_weight} runs several backward passes per "
-                f"micro-batch and perturbs weights in place, which {engine} (sharded parameters and gradients) does "
-                "not allow here. Use DDP (`accelerate launch --multi_gpu`) or adv_method='none' with vat_weight=0."
+                f"{described} runs several backward passes per micro-batch (and AWP moves weights in place), which "
+                f"is not supported with {engine}'s sharded parameters and gradients. Use DDP (`accelerate launch "
+                "--multi_gpu`) or adv_method='none' with vat_weight=0."
             )
         if "lomo" in str(args.optim).lower():
             raise ValueError(
@@ -122,18 +186,32 @@ class AdversarialTrainer(Trainer):
                 f"adv_method={args.adv_method!r} does not support torch.nn.DataParallel (n_gpu={args.n_gpu}); launch "
                 "one process per GPU with `accelerate launch` or `torchrun` instead."
             )
-        if args.vat_weight > 0:
-            config = getattr(unwrap_model(self.model), "config", None)
-            problem_type = getattr(config, "problem_type", None)
-            if getattr(config, "num_labels", 2) == 1 or problem_type == "regression":
-                raise ValueError(
-                    f"vat_weight={args.vat_weight} needs a classification model (softmax or multi-label sigmoid "
-                    f"outputs); this one has num_labels={getattr(config, 'num_labels', None)}, "
-                    f"problem_type={problem_type!r}."
-                )
+        needs_input_grad = [
+            name
+            for name, used in (
+                (f"adv_method='pgd' with adv_steps={args.adv_steps}", args.adv_method == "pgd" and args.adv_steps > 1),
+                (f"vat_weight={args.vat_weight}", args.vat_weight > 0),
+            )
+            if used
+        ]
+        if needs_input_grad and _uses_reentrant_checkpointing(args, self.model):
+            raise ValueError(
+                f"{' and '.join(needs_input_grad)} computes input gradients with torch.autograd.grad, which reentrant "
+                'gradient checkpointing does not allow. Pass gradient_checkpointing_kwargs={"use_reentrant": False} '
+                "(non-reentrant checkpointing saves the same memory), or turn gradient checkpointing off."
+            )
 
     def _build_methods(self, model: nn.Module) -> None:
         args = self.args
+        for old in (self.tap, self._outputs):
+            if old is not None:
+                old.uninstall() if isinstance(old, EmbeddingTap) else old.remove()
+        self.adversary, self.vat, self.tap, self._outputs = None, None, None, None
+        common = {
+            "embedding_name": args.adv_embedding_name,
+            "attach": False,
+            "embedding_argument": "adv_embedding_name",
+        }
         if args.adv_method != "none":
             cls = get_method_class(args.adv_method)
             kwargs = {
@@ -147,48 +225,46 @@ class AdversarialTrainer(Trainer):
                     "discard_clean_grad": args.awp_discard_clean_grad,
                 },
             }.get(args.adv_method, {})
-            self.adversary = cls(model, embedding_name=args.adv_embedding_name, attach=False, **kwargs)
+            self.adversary = cls(model, **common, **kwargs)
+            self.tap = self.adversary.tap
         if args.vat_weight > 0:
-            shared_tap = self.adversary.tap if self.adversary is not None else None
             self.vat = VAT(
                 model,
                 epsilon=args.vat_epsilon,
                 xi=args.vat_xi,
                 iterations=args.vat_iterations,
-                embedding_name=args.adv_embedding_name,
-                attach=False,
-                tap=shared_tap,
+                divergence=args.vat_divergence,
+                tap=self.tap,
+                **common,
             )
+            self.tap = self.vat.tap
+            self._outputs = _OutputCapture(extract_model_from_parallel(model, keep_fp32_wrapper=True))
+        if self.tap is not None:
+            # Installed now, inactive until the training step: a compiled model must have its hooks before its first
+            # compiled forward (hooks added later are not seen by the compiled graph).
+            self.tap.install()
         self._methods_model = unwrap_model(model)
 
     def _attack_active(self) -> bool:
         epoch = self.state.epoch or 0.0
         return self.state.global_step >= self.args.adv_start_step and epoch >= self.args.resolved_start_epoch
 
-    # -- loss --------------------------------------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The parent's loss, except that examples labelled -100 (all -100 for multi-label) are left out of the
-        supervised loss instead of producing NaN (single-label) or a wrong BCE target (multi-label)."""
-        labels = inputs.get("labels")
-        if (
-            not torch.is_tensor(labels)
-            or self.compute_loss_func is not None
-            or self.label_smoother is not None
-            or not has_missing_labels(labels)
-        ):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        problem_type = infer_problem_type(getattr(unwrap_model(model), "config", None), labels)
-        if problem_type not in (SINGLE_LABEL, MULTI_LABEL):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        loss = masked_classification_loss(_logits(outputs), labels, problem_type)
-        return (loss, outputs) if return_outputs else loss
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """The parent's rule: a loss normalised by `num_items_in_batch` (by the model or `compute_loss_func`) is
+        already scaled for gradient accumulation; a per-micro-batch mean is divided by the number of micro-batches."""
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return bool(explicit)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or getattr(self, "compute_loss_func", None) is not None
+        )
 
     # -- the training step -------------------------------------------------------------------------------------------
-    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None, *args, **kwargs) -> torch.Tensor:
         active = self.args.adversarial and self._attack_active()
         if not active:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         if unwrap_model(model) is not self._methods_model:  # `model_init` built a new model for this run
             self._build_methods(model)
 
@@ -196,16 +272,14 @@ class AdversarialTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        accumulation = getattr(self, "current_gradient_accumulation_steps", 1)
+        accumulation = self.current_gradient_accumulation_steps
+        loss_divisor = 1 if self._loss_is_scaled_for_ga(num_items_in_batch) else accumulation
         # The Trainer wants this micro-batch's backward to all-reduce (the last of an accumulation window under DDP).
         wants_sync = isinstance(model, DistributedDataParallel) and model.require_backward_grad_sync
         # Directions are computed from gradients under the fp16 loss scale: they do not depend on it, and scaling
         # the losses of the inner `autograd.grad` calls by it keeps fp16 gradients from underflowing as in backward.
         scaler = getattr(self.accelerator, "scaler", None)
         grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        adversary = self.adversary
-        tap = adversary.tap if adversary is not None and adversary.tap is not None else None
-        tap = tap or (self.vat.tap if self.vat is not None else None)
         synced = False
 
         def backward(loss: torch.Tensor, last: bool) -> None:
@@ -217,37 +291,40 @@ class AdversarialTrainer(Trainer):
             else:
                 self.accelerator.backward(loss)
 
-        def forward_loss() -> torch.Tensor:
+        def supervised_loss(batch: dict) -> torch.Tensor:
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                return self.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
 
+        labelled = self._labelled_rows(inputs)
+        adversary = self.adversary if labelled else None
         method_context = adversary.capture() if adversary is not None else contextlib.nullcontext()
-        tap_context = tap.attached() if tap is not None else contextlib.nullcontext()
+        tap_context = self.tap.attached() if self.tap is not None else contextlib.nullcontext()
+        loss = None
         with self.accelerator.no_sync(model), tap_context, method_context:
-            with self.compute_loss_context_manager():
-                loss, outputs = self.compute_loss(
-                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-                )
-            clean_logits = _logits(outputs).detach() if self.vat is not None else None
-            del outputs
-            backward(loss / accumulation, last=False)
-            self._record("clean_loss", loss)
+            # 1. The clean pass.
+            clean_outputs, shapes = None, None
+            if labelled:
+                capture = self._outputs.capturing() if self._outputs is not None else contextlib.nullcontext()
+                with capture:
+                    loss = supervised_loss(labelled)
+                if self._outputs is not None and labelled is inputs:
+                    clean_outputs, shapes = self._outputs.outputs, self.tap.output_shapes()
+                backward(loss / loss_divisor, last=False)
+                self._record("clean_loss", loss)
 
+            # 2. The perturbation passes.
             if adversary is not None:
-
-                def closure() -> torch.Tensor:
-                    return forward_loss() * grad_scale
-
-                with adversary.perturbed(closure) as attack:
+                with adversary.perturbed(lambda: supervised_loss(labelled) * grad_scale) as attack:
                     self._record("adv_skipped", torch.tensor(float(attack.skipped)))
                     if not attack.skipped:
-                        adv_loss = forward_loss()
-                        backward(adv_loss / accumulation, last=self.vat is None)
+                        adv_loss = supervised_loss(labelled)
+                        backward(adv_loss / loss_divisor, last=self.vat is None)
                         self._record("adv_loss", adv_loss)
                         self._record("adv_perturbation_norm", attack.norm)
 
+            # 3. The regularizer term.
             if self.vat is not None:
-                vat_loss = self._vat_loss(model, inputs, clean_logits, grad_scale)
+                vat_loss = self._vat_loss(model, inputs, clean_outputs, shapes, grad_scale)
                 if vat_loss is not None:
                     backward(self.args.vat_weight * vat_loss / accumulation, last=True)
 
@@ -257,24 +334,56 @@ class AdversarialTrainer(Trainer):
                 params = [p for p in model.parameters() if p.requires_grad]
                 backward(sum(p.reshape(-1)[0] * 0.0 for p in params), last=True)
 
-        return (loss / accumulation).detach()
+        if loss is None:  # no labelled row in this micro-batch
+            return torch.zeros((), device=self.args.device)
+        return (loss / loss_divisor).detach()
 
-    def _vat_loss(self, model, inputs: dict, clean_logits: torch.Tensor, grad_scale: float) -> torch.Tensor | None:
-        unlabelled_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        problem_type = infer_problem_type(getattr(unwrap_model(model), "config", None), inputs.get("labels"))
+    def _labelled_rows(self, inputs: dict) -> dict | None:
+        """The batch without its unlabelled rows (all labels -100): `inputs` itself when every row is labelled, None
+        when none is."""
+        labels = inputs.get(self.label_names[0]) if getattr(self, "label_names", None) else inputs.get("labels")
+        missing = unlabelled_rows(labels)
+        if missing is None:
+            return inputs
+        if bool(missing.all()):
+            return None
+        return _select_rows(inputs, (~missing).nonzero().squeeze(1), labels.shape[0])
+
+    def _vat_inputs(self, model: nn.Module, inputs: dict) -> dict:
+        """The batch as VAT's forwards see it: without labels, except where an encoder-decoder builds its decoder
+        inputs from them."""
+        label_names = set(getattr(self, "label_names", None) or ["labels"])
+        config = getattr(unwrap_model(model), "config", None)
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
+            label_names.discard("labels")
+        return {k: v for k, v in inputs.items() if k not in label_names}
+
+    def _vat_loss(self, model, inputs: dict, clean_outputs, shapes, grad_scale: float) -> torch.Tensor | None:
+        vat_inputs = self._vat_inputs(model, inputs)
 
         def forward() -> torch.Tensor:
             with self.compute_loss_context_manager():
-                return _logits(model(**unlabelled_inputs))
+                return find_logits(model(**dict(vat_inputs)))
 
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("VAT perturbs the input embeddings and needs `input_ids` in the batch.")
-        r_adv = self.vat.adversarial_direction(forward, clean_logits, tuple(input_ids.shape), problem_type, grad_scale)
+        if clean_outputs is None:
+            # Unlabelled rows (or a compute_loss that never called the model): clean predictions of the whole batch.
+            self.tap.reset()
+            with torch.no_grad(), self.compute_loss_context_manager():
+                clean_outputs = model(**dict(vat_inputs))
+            shapes = self.tap.output_shapes()
+            self.tap.reset()
+        clean_logits = find_logits(clean_outputs).detach()
+        if self._vat_divergence is None:
+            config = getattr(unwrap_model(model), "config", None)
+            self._vat_divergence = resolve_divergence(
+                self.args.vat_divergence, config, inputs.get("labels"), clean_logits
+            )
+        distance = divergence(self._vat_divergence, prediction_positions(inputs, clean_logits))
+        r_adv = self.vat.adversarial_direction(forward, clean_logits, shapes, distance, grad_scale)
         self._record("vat_skipped", torch.tensor(float(r_adv is None)))
         if r_adv is None:
             return None
-        vat_loss = self.vat.loss(forward, clean_logits, r_adv, problem_type)
+        vat_loss = self.vat.loss(forward, clean_logits, r_adv, distance)
         self._record("vat_loss", vat_loss)
         return vat_loss
 
@@ -309,7 +418,7 @@ class AdversarialTrainer(Trainer):
         if value is not None:
             self._adv_metrics[name].append(value.detach().float().reshape(()))
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Merge the adversarial metrics into the training logs, reduced over processes, then log as the parent."""
         if "loss" in logs and self.args.adversarial:
             # Every rank reduces the same fixed-size tensors, whatever it recorded, so no rank waits on another.
@@ -330,4 +439,4 @@ class AdversarialTrainer(Trainer):
                     value = sums[i] if name in SUMMED_METRICS else sums[i] / counts[i]
                     logs[name] = round(float(value), 6)
             self._adv_metrics.clear()
-        super().log(logs, start_time)
+        super().log(logs, *args, **kwargs)

@@ -175,17 +175,21 @@ def test_tap_row_gradient_equals_embedding_backward():
 
 
 def test_frozen_embedding_still_attacked():
-    """PEFT-style frozen embeddings: FGM still finds the gradient of the input rows and restores them."""
+    """PEFT-style frozen embeddings: FGM still finds the gradient of the input rows, perturbs the embedding output
+    and never writes the weight."""
     batch = make_batch()
     model = tiny_model()
     model.get_input_embeddings().weight.requires_grad_(False)
     before = model.get_input_embeddings().weight.clone()
     fgm = FGM(model, epsilon=0.5)
-    model(**batch).loss.backward()
+    clean_loss = model(**batch).loss
+    clean_loss.backward()
     with fgm.perturbed() as attack:
         assert not attack.skipped
-        assert not torch.equal(model.get_input_embeddings().weight, before)
-        model(**batch).loss.backward()
+        adv_loss = model(**batch).loss
+        assert adv_loss > clean_loss
+        assert torch.equal(model.get_input_embeddings().weight, before)
+        adv_loss.backward()
     assert torch.equal(model.get_input_embeddings().weight, before)
     assert model.get_input_embeddings().weight.grad is None
     fgm.remove()

@@ -27,7 +27,10 @@ class AWP(AdversarialMethod):
     all-reduce in that backward sees the whole accumulated gradient.
 
     fp16: g / ||g|| is invariant to the GradScaler's loss scale; a tensor whose gradient norm is 0, NaN or Inf is
-    left unperturbed, and the attack counts as skipped when every tensor was.
+    left unperturbed, and the attack counts as skipped when every tensor was. Weights stored in a low-precision dtype
+    move by what that dtype can represent; the reported norm is that of the change actually applied, and an `eps`
+    below the dtype's resolution (bf16: 2**-7) is refused. Sparse gradients (`nn.Embedding(sparse=True)`) are used
+    densely.
 
     Args:
         model (`nn.Module`): the model.
@@ -38,6 +41,10 @@ class AWP(AdversarialMethod):
             (`re.search`) are perturbed. By default every weight matrix (2-D or more) that receives a gradient.
         discard_clean_grad (`bool`, *optional*, defaults to `False`): drop this micro-batch's clean gradient, as
             the classic snippet does.
+
+    Raises:
+        `ValueError`: for a non-positive `lr` or `eps`, a `param_pattern` that is invalid or matches no trainable
+            weight matrix, or an `eps` below the resolution of a matched weight's dtype.
     """
 
     name = "awp"
@@ -51,14 +58,13 @@ class AWP(AdversarialMethod):
         *,
         param_pattern: str | None = None,
         discard_clean_grad: bool = False,
-        attach: bool = True,
-        embedding_name: str | None = None,
+        **kwargs,
     ):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}.")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}.")
-        super().__init__(model, embedding_name=embedding_name, attach=attach)
+        super().__init__(model, **kwargs)
         self.lr, self.eps, self.discard_clean_grad = lr, eps, discard_clean_grad
         try:
             pattern = re.compile(param_pattern) if param_pattern is not None else None
@@ -73,6 +79,17 @@ class AWP(AdversarialMethod):
             raise ValueError(
                 f"param_pattern={param_pattern!r} matches no trainable weight matrix; some of the model's are "
                 f"{[n for n, p in model.named_parameters() if p.dim() >= 2][:8]}."
+            )
+        resolution = {p.dtype: torch.finfo(p.dtype).eps for _, p in self.targets if p.is_floating_point()}
+        too_coarse = {str(dtype).removeprefix("torch."): step for dtype, step in resolution.items() if eps < step}
+        if too_coarse:
+            step = max(too_coarse.values())
+            raise ValueError(
+                f"awp_eps={eps} is below the resolution of the {sorted(too_coarse)} weights AWP would perturb (one "
+                f"step of the dtype is {step:g} of a weight's magnitude): every weight would round back to itself "
+                "and AWP would do nothing. Keep the weights in float32 (load without `torch_dtype` and train with "
+                f"--bf16 for bf16 compute), raise awp_eps to at least {step:g}, or restrict awp_param_pattern to "
+                "float32 weights."
             )
         self._stash: dict[nn.Parameter, torch.Tensor] | None = None
 
@@ -109,18 +126,22 @@ class AWP(AdversarialMethod):
                 for _, p in self.targets:
                     if p.grad is None:
                         continue
-                    grad_norm = p.grad.norm()
+                    grad = p.grad.to_dense() if p.grad.is_sparse else p.grad  # nn.Embedding(sparse=True)
+                    grad_norm = grad.norm()
                     if not is_usable_norm(grad_norm):
                         continue
                     original = p.detach().clone()
                     backups.append((p, original))
                     # clamp(w0 + step, w0 - b, w0 + b) == w0 + clamp(step, -b, b): clamping the step needs no bounds
                     # tensors kept alive, and its norm is the norm of the move. Two temporaries, updated in place.
-                    step = p.grad * (self.lr * original.norm() / grad_norm)
+                    step = grad * (self.lr * original.norm() / grad_norm)
                     bound = original.abs().mul_(self.eps)
                     torch.minimum(step, bound, out=step)
                     torch.maximum(step, bound.neg_(), out=step)
                     p.add_(step)
+                    if p.dtype != torch.float32:
+                        # The norm of the change actually applied, after rounding to the weight's dtype.
+                        step = torch.sub(p, original, out=step)
                     moved = torch.linalg.vector_norm(step, dtype=torch.float32).square()
                     squared = moved if squared is None else squared + moved
             if self.discard_clean_grad:

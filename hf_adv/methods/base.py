@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..embedding import EmbeddingTap, find_input_embedding
+from ..embedding import EmbeddingTap, find_input_embedding, lookup_modules
 
 
 @dataclass
@@ -47,27 +47,36 @@ class AdversarialMethod:
         optimizer.step()
 
     `capture()` may be left out when each optimizer step sees one micro-batch: the gradient of the last backward
-    through the embedding is then used. Every perturbation is undone bit for bit when `perturbed()` exits, also on
-    an exception.
+    through the embedding is then used. Embedding methods never write a weight: the perturbation is added to the
+    embedding output inside `perturbed()` only. AWP's weight perturbation is undone bit for bit when `perturbed()`
+    exits, also on an exception.
 
     Args:
         model (`nn.Module`): the model (DDP, `torch.compile` and PEFT wrappers are looked through).
-        embedding_name (`str`, *optional*): the embedding weight to perturb, by parameter name; by default the weight
-            of `model.get_input_embeddings()`.
-        attach (`bool`, defaults to `True`): attach the embedding hook now and keep it until `remove()`. The trainer
-            passes `False` and attaches it only inside its training step.
+        embedding_name (`str`, *optional*): the embedding weight whose lookups are perturbed, by parameter name; by
+            default the weight of `model.get_input_embeddings()`. Every `nn.Embedding` of the model that looks up
+            that weight is hooked (an encoder-decoder's encoder and decoder embeddings).
+        attach (`bool`, defaults to `True`): attach the embedding hooks now and keep them active until `remove()`.
+            The trainer passes `False`, installs them inactive and activates them only inside its training step.
     """
 
     name: str = ""
-    # Methods that perturb the embedding weight rows need the embedding hook; AWP does not.
+    # Methods that perturb the embedding output need the embedding hooks; AWP does not.
     uses_embedding: bool = True
 
-    def __init__(self, model: nn.Module, *, embedding_name: str | None = None, attach: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        embedding_name: str | None = None,
+        attach: bool = True,
+        embedding_argument: str = "embedding_name",
+    ):
         self.model = model
         self.tap: EmbeddingTap | None = None
         if self.uses_embedding:
-            module, weight = find_input_embedding(model, embedding_name)
-            self.tap = EmbeddingTap(module, weight)
+            module, weight = find_input_embedding(model, embedding_name, argument=embedding_argument)
+            self.tap = EmbeddingTap(module, weight, lookup_modules(model, module, weight))
             if attach:
                 self.tap.attach()
 

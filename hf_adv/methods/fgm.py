@@ -14,30 +14,33 @@ from .base import AdversarialMethod, AttackResult, is_usable_norm, register_meth
 
 @register_method
 class FGM(AdversarialMethod):
-    """Fast gradient method: one step r = epsilon * g / ||g||_2 on the embedding rows the batch looks up.
+    """Fast gradient method: one step r = epsilon * g / ||g||_2 over the embedding rows the batch looks up.
 
-    g is the gradient of this micro-batch's loss with respect to those rows. Only the touched rows are backed up
-    and perturbed (the classic snippet clones the whole vocab x hidden matrix), and they are copied back bit for bit
-    when `perturbed()` exits.
+    g (rows x hidden) is the gradient of this micro-batch's loss with respect to those rows, as `nn.Embedding`
+    computes it (the classic snippet reads it from `weight.grad`). The perturbation is added to the embedding OUTPUT:
+    every position that looks up row i gets r[i], which is what adding r to the weight rows would do, without
+    writing the weight (a tied LM head and other users of the weight see it unchanged) and without a backup.
 
     fp16: under a GradScaler g arrives multiplied by the loss scale; g / ||g|| does not depend on that scale, and a
     step whose gradient overflowed (norm Inf or NaN) is skipped, as the scaler skips its optimizer step.
 
     Args:
         model (`nn.Module`): the model.
-        epsilon (`float`, *optional*, defaults to `1.0`): L2 size of the perturbation over all touched rows.
+        epsilon (`float`, *optional*, defaults to `1.0`): L2 size of r over all touched rows, in units of the
+            embedding output.
         embedding_name (`str`, *optional*): see `AdversarialMethod`.
         attach (`bool`, *optional*, defaults to `True`): see `AdversarialMethod`.
+
+    Raises:
+        `ValueError`: when `epsilon <= 0` or the model has no input embedding.
     """
 
     name = "fgm"
 
-    def __init__(
-        self, model: nn.Module, epsilon: float = 1.0, *, embedding_name: str | None = None, attach: bool = True
-    ):
+    def __init__(self, model: nn.Module, epsilon: float = 1.0, **kwargs):
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}.")
-        super().__init__(model, embedding_name=embedding_name, attach=attach)
+        super().__init__(model, **kwargs)
         self.epsilon = epsilon
 
     def step(self, grad: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -46,20 +49,18 @@ class FGM(AdversarialMethod):
 
     @contextlib.contextmanager
     def perturbed(self, closure: Callable[[], torch.Tensor] | None = None) -> Iterator[AttackResult]:
-        rows, grad = self.tap.captured_gradient()
-        self.tap.reset()
+        tap = self.tap
+        _, grad = tap.captured_gradient()
         norm = grad.norm()
         if not is_usable_norm(norm):
+            tap.reset()
             yield AttackResult(skipped=True)
             return
-        r = self.step(grad, norm).to(self.tap.weight.dtype)
-        weight = self.tap.weight
-        with torch.no_grad():
-            backup = weight.index_select(0, rows)
-            weight.index_add_(0, rows, r)
+        r = self.step(grad, norm)
+        deltas = tap.row_deltas(r)
+        tap.reset()
         try:
-            yield AttackResult(norm=r.norm())
+            with tap.shifted(deltas):
+                yield AttackResult(norm=r.norm())
         finally:
-            with torch.no_grad():
-                weight.index_copy_(0, rows, backup)
-            self.tap.reset()
+            tap.reset()

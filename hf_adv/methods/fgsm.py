@@ -11,10 +11,10 @@ from .fgm import FGM
 
 @register_method
 class FGSM(FGM):
-    """Fast gradient sign method: r = epsilon * sign(g) on the embedding rows the batch looks up.
+    """Fast gradient sign method: r = epsilon * sign(g) for the embedding rows the batch looks up.
 
-    Everything else (touched rows only, restore, skipped steps, fp16) is as in `FGM`; sign(g) is invariant to the
-    GradScaler's loss scale.
+    Everything else (added to the embedding output of each lookup of the row, no weight written, skipped steps,
+    fp16) is as in `FGM`; sign(g) is invariant to the GradScaler's loss scale.
 
     Args:
         model (`nn.Module`): the model.

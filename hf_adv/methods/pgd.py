@@ -14,40 +14,36 @@ from .base import AdversarialMethod, AttackResult, is_usable_norm, register_meth
 
 @register_method
 class PGD(AdversarialMethod):
-    """K ascent steps of alpha * g / ||g|| on the touched embedding rows, each projected onto the epsilon-ball.
+    """K ascent steps of alpha * g / ||g|| on offsets r of the touched embedding rows, each projected onto the
+    epsilon-ball (L2 over all touched rows).
 
     Step 1 uses the clean gradient of the micro-batch; steps 2..K use the gradient of the adversarial loss at the
     current perturbation, computed by `closure()` with `torch.autograd.grad` with respect to the embedding output
     only: no parameter gradient is computed and none is backed up. The caller's pass inside the block is the final
     adversarial forward and backward, whose gradient adds to the clean one, exactly as the classic competition
-    implementation (which backs up and restores every gradient for the same effect) does.
+    implementation (which backs up and restores every gradient for the same effect) does. As in `FGM`, r is added to
+    the embedding output of every lookup of its row; no weight is written.
 
     Args:
         model (`nn.Module`): the model.
         epsilon (`float`, *optional*, defaults to `1.0`): radius of the L2 ball over all touched rows.
         alpha (`float`, *optional*, defaults to `0.3`): size of each ascent step.
         steps (`int`, *optional*, defaults to `3`): K, the number of ascent steps (K - 1 extra forward passes).
+
+    Raises:
+        `ValueError`: for a non-positive `epsilon` or `alpha`, or `steps < 1`.
     """
 
     name = "pgd"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        epsilon: float = 1.0,
-        alpha: float = 0.3,
-        steps: int = 3,
-        *,
-        embedding_name: str | None = None,
-        attach: bool = True,
-    ):
+    def __init__(self, model: nn.Module, epsilon: float = 1.0, alpha: float = 0.3, steps: int = 3, **kwargs):
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}.")
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}.")
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
-        super().__init__(model, embedding_name=embedding_name, attach=attach)
+        super().__init__(model, **kwargs)
         self.epsilon, self.alpha, self.steps = epsilon, alpha, steps
 
     @contextlib.contextmanager
@@ -56,33 +52,34 @@ class PGD(AdversarialMethod):
             raise ValueError(
                 f"PGD with steps={self.steps} needs a `closure` that runs the forward and returns the loss."
             )
-        rows, grad = self.tap.captured_gradient()
-        self.tap.reset()
-        weight = self.tap.weight
-        with torch.no_grad():
-            backup = weight.index_select(0, rows)
-        delta = None
+        tap = self.tap
+        rows, grad = tap.captured_gradient()
+        shapes = tap.output_shapes()
+        r = None
+        deltas = None
         try:
             for step in range(self.steps):
                 norm = grad.norm()
                 if not is_usable_norm(norm):
                     break  # keep the perturbation reached so far (none on the first step)
-                with torch.no_grad():
-                    weight.index_add_(0, rows, (self.alpha * grad / norm).to(weight.dtype))
-                    delta = weight.index_select(0, rows) - backup
-                    delta_norm = delta.norm()
-                    if delta_norm > self.epsilon:
-                        delta = self.epsilon * delta / delta_norm
-                    weight.index_copy_(0, rows, backup + delta)
+                step_r = self.alpha * grad / norm
+                r = step_r if r is None else r + step_r
+                r_norm = r.norm()
+                if r_norm > self.epsilon:
+                    r = self.epsilon * r / r_norm
+                deltas = tap.row_deltas(r)  # the lookups recorded by the clean pass or the last closure
                 if step < self.steps - 1:
-                    with torch.enable_grad():
+                    tap.reset()
+                    with torch.enable_grad(), tap.shifted(deltas):
                         loss = closure()
-                    step_rows, grad = self.tap.gradient_of(loss)
-                    self.tap.reset()
-                    if not torch.equal(step_rows, rows):
+                    step_rows, grad = tap.gradient_of(loss)
+                    if tap.output_shapes() != shapes or not torch.equal(step_rows, rows):
                         raise RuntimeError("The PGD closure must run the forward on the same batch as the clean pass.")
-            yield AttackResult(skipped=delta is None, norm=None if delta is None else delta.norm())
+            tap.reset()
+            if deltas is None:
+                yield AttackResult(skipped=True)
+            else:
+                with tap.shifted(deltas):
+                    yield AttackResult(norm=r.norm())
         finally:
-            with torch.no_grad():
-                weight.index_copy_(0, rows, backup)
-            self.tap.reset()
+            tap.reset()
