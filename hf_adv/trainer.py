@@ -103,6 +103,23 @@ def _uses_reentrant_checkpointing(args, model: nn.Module) -> bool:
     return False
 
 
+def _guard_compiled_code_on_hooks() -> None:
+    """Make `torch.compile` check module hooks before reusing compiled code.
+
+    By default dynamo does not guard on nn.Module hooks: code compiled for a model without our hooks (an earlier
+    fold, a plain run in the same process) would be reused for this one and its embedding never hooked. The first
+    time, code compiled so far is dropped (`torch._dynamo.reset()`: it was compiled without those guards).
+    """
+    try:
+        import torch._dynamo
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return
+    if getattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False):
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+        logger.info("torch.compile now checks module hooks before reusing compiled code (for the embedding hooks).")
+
+
 def _select_rows(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
     """The batch restricted to the rows `index` (every tensor whose first dimension is the batch)."""
     return {
@@ -243,6 +260,7 @@ class AdversarialTrainer(Trainer):
             # Installed now, inactive until the training step: a compiled model must have its hooks before its first
             # compiled forward (hooks added later are not seen by the compiled graph).
             self.tap.install()
+            _guard_compiled_code_on_hooks()
         self._methods_model = unwrap_model(model)
 
     def _attack_active(self) -> bool:

@@ -205,17 +205,6 @@ def setup_logging(training_args) -> None:
     datasets.disable_progress_bars()
 
 
-def adjust_training_args(training_args) -> None:
-    """Refuse label smoothing with an adversarial method, before training rather than at the first step: when it
-    smooths labels, `Trainer.compute_loss` pops them out of the batch, and the adversarial forward passes on the same
-    batch then find none (to be fixed in hf_adv)."""
-    if training_args.adversarial and training_args.label_smoothing_factor > 0:
-        raise RecipeError(
-            f"--label_smoothing_factor {training_args.label_smoothing_factor} does not work yet with adversarial "
-            "training (adv_method or vat_weight): drop it, or train with --adv_method none --vat_weight 0."
-        )
-
-
 # -- output_dir -------------------------------------------------------------------------------------------------------
 def check_output_dir(training_args) -> str | None:
     """The checkpoint to resume from, or None for a fresh run; raises rather than overwrite anything.

@@ -38,7 +38,6 @@ from common import (
     RawSplit,
     RecipeError,
     RobustnessReportArguments,
-    adjust_training_args,
     check_output_dir,
     clean_texts,
     describe_method,
@@ -132,7 +131,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"adversarial: {describe_method(training_args)}"
     )
     checkpoint = check_output_dir(training_args)
-    adjust_training_args(training_args)
     set_seed(training_args.seed)
 
     # -- data: read, check and encode every split before any model is loaded ------------------------------------

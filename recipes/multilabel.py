@@ -39,7 +39,6 @@ from common import (
     RawSplit,
     RecipeError,
     RobustnessReportArguments,
-    adjust_training_args,
     check_output_dir,
     clean_texts,
     describe_method,
@@ -67,6 +66,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from transformers import DataCollatorWithPadding, EvalPrediction, set_seed
 
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+from hf_adv.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -222,24 +222,25 @@ def resolve_pos_weight(
     return torch.tensor(weights, dtype=torch.float32)
 
 
-class PosWeightTrainer(AdversarialTrainer):
-    """`AdversarialTrainer` whose loss is BCE with a per-label `pos_weight`, which the model's own loss lacks.
+def pos_weight_loss(pos_weight: torch.Tensor):
+    """A `compute_loss_func` for `Trainer`: BCE with a per-label `pos_weight`, which the model's own loss lacks.
 
-    It overrides `compute_loss` instead of passing `compute_loss_func`: with `compute_loss_func`, `Trainer` pops the
-    labels out of the batch dict, and the adversarial forward passes on the same batch would find none.
+    Summed over the (example, label) entries and divided by `num_items_in_batch` (the entries of the whole
+    accumulated batch, as `Trainer` counts them), so that gradient accumulation gives the larger batch's loss; the
+    mean over the micro-batch's entries when `Trainer` passes no count (evaluation).
     """
 
-    def __init__(self, *args, pos_weight: torch.Tensor, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.pos_weight = pos_weight
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
-        logits = outputs["logits"]
-        loss = F.binary_cross_entropy_with_logits(
-            logits.float(), inputs["labels"].float(), pos_weight=self.pos_weight.to(logits.device)
+    def loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        logits = outputs["logits"].float()
+        known = labels != IGNORE_INDEX
+        per_entry = F.binary_cross_entropy_with_logits(
+            logits, labels.float().clamp_min(0.0), pos_weight=pos_weight.to(logits.device), reduction="none"
         )
-        return (loss, outputs) if return_outputs else loss
+        total = (per_entry * known).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else known.sum().clamp_min(1)
+        return total / count
+
+    return loss
 
 
 # -- metrics ----------------------------------------------------------------------------------------------------------
@@ -294,7 +295,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"adversarial: {describe_method(training_args)}"
     )
     checkpoint = check_output_dir(training_args)
-    adjust_training_args(training_args)
     set_seed(training_args.seed)
 
     # -- data: read, check and encode every split before any model is loaded ------------------------------------
@@ -370,10 +370,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "data_collator": DataCollatorWithPadding(tokenizer),
         "compute_metrics": compute_metrics,
     }
-    if pos_weight is None:
-        trainer = AdversarialTrainer(**trainer_kwargs)
-    else:
-        trainer = PosWeightTrainer(**trainer_kwargs, pos_weight=pos_weight)
+    if pos_weight is not None:
+        trainer_kwargs["compute_loss_func"] = pos_weight_loss(pos_weight)
+    trainer = AdversarialTrainer(**trainer_kwargs)
     train_result, train_metrics = train_and_save(trainer, checkpoint, len(frames["train"]))
 
     validation = trainer.predict(tokenized["validation"], metric_key_prefix="eval")

@@ -154,24 +154,68 @@ def test_hand_written_loop_matches_reference(name, use_capture):
     assert not model.get_input_embeddings()._forward_hooks
 
 
-def test_tap_row_gradient_equals_embedding_backward():
-    """Scattering the output gradient onto touched rows reproduces nn.Embedding's own weight gradient."""
+@pytest.mark.parametrize("lookups", [1, 2, 3], ids=["one-lookup", "two-lookups", "three-lookups"])
+@pytest.mark.parametrize(
+    "kwargs", [{"padding_idx": 0}, {"scale_grad_by_freq": True}, {"padding_idx": 3, "scale_grad_by_freq": True}]
+)
+def test_tap_row_gradient_equals_embedding_backward(lookups, kwargs):
+    """Scattering the output gradients onto touched rows reproduces nn.Embedding's own weight gradient, also when the
+    weight is looked up several times before one backward (a siamese model), each lookup with its own weight in the
+    loss, and with `scale_grad_by_freq` (counted per call, as nn.Embedding does)."""
     from hf_adv.embedding import EmbeddingTap
 
-    for kwargs in ({"padding_idx": 0}, {"padding_idx": None, "scale_grad_by_freq": True}):
-        torch.manual_seed(0)
-        emb = torch.nn.Embedding(20, 5, **kwargs)
-        ids = torch.tensor([[0, 3, 3, 7], [7, 0, 1, 3]])
-        tap = EmbeddingTap(emb, emb.weight)
-        tap.attach()
-        (emb(ids) * torch.randn(2, 4, 5)).sum().backward()
-        rows, row_grad = tap.captured_gradient()
-        tap.detach()
-        assert rows.tolist() == [0, 1, 3, 7]
-        torch.testing.assert_close(row_grad, emb.weight.grad[rows])
-        untouched = torch.ones(20, dtype=torch.bool)
-        untouched[rows] = False
-        assert emb.weight.grad[untouched].abs().sum() == 0
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(20, 5, **kwargs)
+    ids = [torch.tensor([[0, 3, 3, 7], [7, 0, 1, 3]]), torch.tensor([[5, 5, 5], [3, 9, 0]]), torch.tensor([[7, 7]])]
+    tap = EmbeddingTap(emb, emb.weight)
+    tap.attach()
+    loss = sum((k + 1) * (emb(i) * torch.randn(*i.shape, 5)).sum() for k, i in enumerate(ids[:lookups]))
+    loss.backward()
+    rows, row_grad = tap.captured_gradient()
+    tap.detach()
+    assert rows.tolist() == torch.cat([i.reshape(-1) for i in ids[:lookups]]).unique().tolist()
+    torch.testing.assert_close(row_grad, emb.weight.grad[rows])
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[rows] = False
+    assert emb.weight.grad[untouched].abs().sum() == 0
+
+
+def test_fgm_direction_with_two_lookups_is_the_weight_gradient():
+    """A bi-encoder looks up the same weight twice before one backward: FGM's direction is the true weight.grad."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(30, 8)
+
+    class BiEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = emb, torch.nn.Linear(8, 1)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, a, b):
+            return (self.head(torch.tanh(self.emb(a)).mean(1)) * self.head(self.emb(b).mean(1))).sum()
+
+    model = BiEncoder()
+    a, b = torch.tensor([[1, 2, 3, 2]]), torch.tensor([[9, 1, 1, 4, 5]])
+    fgm = FGM(model, epsilon=1.0)
+    model(a, b).backward()
+    rows, grad = fgm.tap.captured_gradient()
+    expected = emb.weight.grad[rows]
+    cosine = torch.nn.functional.cosine_similarity(grad.flatten(), expected.flatten(), dim=0)
+    assert cosine > 1 - 1e-6
+    # The perturbation FGM adds to each lookup is r[row] for the row that position looks up.
+    with fgm.perturbed() as attack:
+        r = 1.0 * expected / expected.norm()
+        outputs = []
+        handle = emb.register_forward_hook(lambda m, args, out: outputs.append(out.detach()))
+        model(a, b)
+        handle.remove()
+    for ids, out in zip((a, b), outputs):
+        position_rows = torch.searchsorted(rows, ids)
+        torch.testing.assert_close(out - emb.weight[ids].detach(), r[position_rows])
+    assert attack.norm == pytest.approx(1.0)
+    fgm.remove()
 
 
 def test_frozen_embedding_still_attacked():

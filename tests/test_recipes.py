@@ -199,6 +199,17 @@ def test_multilabel_pos_weight(tiny_model, data, tmp_path):
     assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "anger", "1": "joy", "2": "sad"}
 
 
+def test_pos_weight_loss_is_weighted_bce_over_the_accumulated_entries():
+    logits = torch.tensor([[0.3, -1.0], [2.0, 0.5]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos_weight = torch.tensor([2.0, 0.5])
+    loss = multilabel.pos_weight_loss(pos_weight)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
+    torch.testing.assert_close(loss({"logits": logits}, labels), expected)
+    # With Trainer's count of the entries of 2 micro-batches, each micro-batch gives half its mean.
+    torch.testing.assert_close(loss({"logits": logits}, labels, num_items_in_batch=8), expected / 2)
+
+
 def test_multilabel_pos_weight_is_used():
     targets = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]).numpy()
     weights = multilabel.resolve_pos_weight("auto", targets, cap=2.0, class_names=["a", "b"])
@@ -332,11 +343,12 @@ def test_bad_input_is_reported_before_training(tiny_model, data, tmp_path, recip
     assert not out.exists()  # nothing was written
 
 
-def test_label_smoothing_with_an_attack_is_refused(tiny_model, data, tmp_path):
-    # Trainer pops the labels out of the batch when it smooths them; the adversarial pass would then have none.
+def test_label_smoothing_with_an_attack_trains(tiny_model, data, tmp_path):
+    # Trainer pops the labels out of the batch it is given when it smooths them; every pass gets its own copy.
+    out = tmp_path / "out"
     args = ["--train_file", str(data / "imdb.csv"), "--adv_method", "fgm", "--label_smoothing_factor", "0.1"]
-    with pytest.raises(common.RecipeError, match="label_smoothing_factor"):
-        imdb.main(train_args(tiny_model, tmp_path / "out", *args))
+    imdb.main(train_args(tiny_model, out, *args))
+    assert logged(out, "adv_loss")
 
 
 def test_empty_split_after_filtering_is_reported(tmp_path):

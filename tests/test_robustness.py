@@ -107,7 +107,10 @@ def test_embedding_attacks_attack(metrics):
 
 def test_cost_is_reported_by_part(metrics):
     parts = [metrics[f"seconds_{part}"] for part in ("clean", "fgm_pgd", "min_perturbation", "word")]
-    assert all(seconds > 0 for seconds in parts) and sum(parts) <= metrics["seconds"]
+    assert all(seconds > 0 for seconds in parts)
+    # The parts run inside the total; each figure is rounded to 0.01 s, so the sum may exceed the rounded total by
+    # up to 0.005 s per figure.
+    assert sum(parts) <= metrics["seconds"] + 0.005 * (len(parts) + 1)
     assert metrics["backward_passes_per_example"] >= 1 and metrics["forward_passes_per_example"] > 3
 
 
