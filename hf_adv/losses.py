@@ -154,6 +154,23 @@ def prediction_positions(inputs: Mapping, logits: torch.Tensor) -> torch.Tensor 
     return None
 
 
+def lookup_masks(inputs: Mapping, shapes) -> list[torch.Tensor | None]:
+    """For each embedding lookup (output shape rows x sequence x hidden), the batch's attention mask when its
+    positions are the lookup's (a multiple-choice mask is flattened to rows x sequence), else None."""
+    masks = []
+    for shape in shapes:
+        found = None
+        for key in ("attention_mask", "decoder_attention_mask"):
+            mask = inputs.get(key)
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-1] == shape[1]:
+                mask = mask.reshape(-1, shape[1])
+                if mask.shape[0] == shape[0]:
+                    found = mask
+                    break
+        masks.append(found)
+    return masks
+
+
 def unlabelled_rows(labels) -> torch.Tensor | None:
     """Rows (first dimension) whose every label is -100, or None when there are none."""
     if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] == 0:

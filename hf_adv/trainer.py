@@ -30,7 +30,14 @@ from transformers.utils import logging
 
 from .arguments import AdversarialTrainingArguments
 from .embedding import EmbeddingTap, unwrap_model
-from .losses import divergence, find_logits, prediction_positions, resolve_divergence, unlabelled_rows
+from .losses import (
+    divergence,
+    find_logits,
+    lookup_masks,
+    prediction_positions,
+    resolve_divergence,
+    unlabelled_rows,
+)
 from .methods import VAT, AdversarialMethod, get_method_class
 
 logger = logging.get_logger(__name__)
@@ -397,7 +404,8 @@ class AdversarialTrainer(Trainer):
                 self.args.vat_divergence, config, inputs.get("labels"), clean_logits
             )
         distance = divergence(self._vat_divergence, prediction_positions(inputs, clean_logits))
-        r_adv = self.vat.adversarial_direction(forward, clean_logits, shapes, distance, grad_scale)
+        masks = lookup_masks(vat_inputs, shapes)
+        r_adv = self.vat.adversarial_direction(forward, clean_logits, shapes, distance, grad_scale, masks)
         self._record("vat_skipped", torch.tensor(float(r_adv is None)))
         if r_adv is None:
             return None

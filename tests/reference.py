@@ -91,6 +91,8 @@ def vat_term(model, batch, noise, epsilon, xi, iterations, multi_label=False):
     handle = module.register_forward_hook(lambda m, a, out: out + state["delta"])
     try:
         d = noise.clone()
+        if "attention_mask" in batch:  # no random start on padding (Miyato et al.'s `_mask_by_length`)
+            d = d * batch["attention_mask"].unsqueeze(-1)
         for _ in range(iterations):
             d = xi * d / d.flatten(1).norm(dim=1).view(-1, 1, 1)
             d.requires_grad_(True)

@@ -96,6 +96,7 @@ class VAT:
         shapes: Sequence[torch.Size],
         distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         scale: float = 1.0,
+        masks: Sequence[torch.Tensor | None] | None = None,
     ) -> list[torch.Tensor] | None:
         """r_adv for the batch, one tensor per embedding lookup of a forward, or None when power iteration produced
         a non-finite or zero direction.
@@ -107,8 +108,12 @@ class VAT:
             distance: D(clean_logits, logits), a scalar (see `hf_adv.losses.divergence`).
             scale: multiplies the divergence before `autograd.grad` (the fp16 loss scale keeps the small
                 gradients from underflowing; the direction does not depend on it).
+            masks: for each lookup, None or its batch x sequence mask of real tokens: the random start is zero on
+                padding, as in Miyato et al.'s code, so that padding takes no share of the probe's norm.
         """
         ds = [self.sample_noise(tuple(shape), clean_logits) for shape in shapes]
+        if masks is not None:
+            ds = [d if m is None else d * m.unsqueeze(-1).to(d) for d, m in zip(ds, masks)]
         for _ in range(self.iterations):
             ds = [(self.xi * d).requires_grad_(True) for d in normalize_lookups(ds)]
             with torch.enable_grad(), self.tap.shifted(ds):
