@@ -322,8 +322,48 @@ def test_model_without_input_embeddings_fails_at_construction(tmp_path):
         def forward(self, x, labels=None):
             return {"loss": self.linear(x).sum()}
 
-    with pytest.raises(ValueError, match="NoEmbeddings has no input embeddings"):
+    with pytest.raises(ValueError, match="NoEmbeddings has no input embeddings: it has no `get_input_embeddings"):
         make_trainer(tmp_path, model=NoEmbeddings(), adv_method="fgm")
+    with pytest.raises(ValueError, match="pass `adv_embedding_name`"):
+        make_trainer(tmp_path, model=NoEmbeddings(), vat_weight=1.0)
+    # Standalone, the argument is `embedding_name`.
+    with pytest.raises(ValueError, match="pass `embedding_name` with the name"):
+        FGM(NoEmbeddings())
+
+
+def test_training_step_outside_train(tmp_path):
+    """`training_step` called directly (as tests and custom loops do) needs no state that only `train()` sets."""
+    for overrides in ({}, {"adv_method": "fgm"}):
+        trainer = make_trainer(tmp_path, **overrides)
+        loss = trainer.training_step(trainer.model, make_batch())
+        assert torch.isfinite(loss) and loss > 0
+
+
+def test_awp_with_sparse_embedding_gradients():
+    """nn.Embedding(sparse=True) gives a sparse gradient; AWP uses it densely and restores the weight exactly."""
+    torch.manual_seed(0)
+
+    class Sparse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 4, sparse=True)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, input_ids):
+            return self.head(self.emb(input_ids).mean(1))
+
+    model = Sparse()
+    ids, labels = torch.tensor([[1, 2, 3], [4, 5, 5]]), torch.tensor([0, 1])
+    awp = AWP(model, lr=1.0, eps=1e-2)
+    before = state(model)
+    with awp.capture():
+        torch.nn.functional.cross_entropy(model(ids), labels).backward()
+        assert model.emb.weight.grad.is_sparse
+        with awp.perturbed() as attack:
+            assert not attack.skipped and attack.norm > 0
+            assert not torch.equal(model.emb.weight, before["emb.weight"])
+            torch.nn.functional.cross_entropy(model(ids), labels).backward()
+    assert_equal_dicts(state(model), before)
 
 
 def test_bad_embedding_name_lists_candidates(tmp_path):
