@@ -3,7 +3,14 @@ PYTHON ?= python
 # requirement does not pull a multi-GB CUDA build. Elsewhere, keep the torch you have: `make install TORCH=`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test lint format demo bench bench-quality
+# The oldest transformers hf_adv supports (pyproject's lower bound) with the oldest accelerate, tested in a venv of
+# their own by `make test-oldest` (CI runs it after `make test`): the trainer tests, and the compatibility matrix.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PYTHON = $(OLDEST_VENV)/bin/python
+OLDEST_DEPS ?= transformers==4.46.3 accelerate==1.0.1 datasets scikit-learn pandas safetensors peft pytest
+OLDEST_TESTS = tests/test_trainer.py tests/test_gradients.py tests/test_wrappers.py $(wildcard tests/test_compat.py)
+
+.PHONY: install test test-oldest lint format demo bench bench-quality
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install $(TORCH),)
@@ -12,6 +19,14 @@ install:
 
 test:
 	$(PYTHON) -m pytest -q tests
+
+# torch first (the CPU wheel here, see TORCH), so that accelerate's `torch` requirement is already met.
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PYTHON) -m pip install -q $(or $(TORCH),torch)
+	$(OLDEST_PYTHON) -m pip install -q $(OLDEST_DEPS)
+	$(OLDEST_PYTHON) -m pip install -q --no-deps -e .
+	$(OLDEST_PYTHON) -m pytest -q $(OLDEST_TESTS)
 
 lint:
 	$(PYTHON) -m ruff check hf_adv recipes tests benchmarks

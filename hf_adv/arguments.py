@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import transformers
 from transformers import TrainingArguments
 
 from .losses import DIVERGENCE_CHOICES
@@ -95,6 +96,14 @@ class AdversarialTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if (
+            int(transformers.__version__.split(".")[0]) < 5
+            and isinstance(self.warmup_steps, float)
+            and 0 < self.warmup_steps < 1
+        ):
+            # transformers 5 reads warmup_steps below 1 as a ratio of the total steps; 4.x wants an int there and
+            # takes the ratio as warmup_ratio (which 5 no longer has).
+            self.warmup_ratio, self.warmup_steps = self.warmup_steps, 0
         super().__post_init__()
         methods = list_methods()
         if self.adv_method not in methods:

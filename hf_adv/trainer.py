@@ -23,6 +23,7 @@ from collections import defaultdict
 import torch
 import transformers
 from accelerate.utils import extract_model_from_parallel
+from packaging import version
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
@@ -47,7 +48,11 @@ METRICS = ("clean_loss", "adv_loss", "adv_perturbation_norm", "adv_skipped", "va
 SUMMED_METRICS = ("adv_skipped", "vat_skipped")
 
 # `gradient_checkpointing_enable()` without kwargs: reentrant checkpointing before transformers 5, not since.
-_REENTRANT_BY_DEFAULT = int(transformers.__version__.split(".")[0]) < 5
+_TRANSFORMERS_VERSION = version.parse(transformers.__version__).release
+_REENTRANT_BY_DEFAULT = _TRANSFORMERS_VERSION < (5,)
+# Under gradient accumulation transformers 4.46 and 4.47 back-propagate each micro-batch's mean loss undivided (the
+# micro-batches' gradients are summed); from 4.48 the parent divides by the number of micro-batches.
+_PARENT_SUMS_MICRO_BATCHES = _TRANSFORMERS_VERSION < (4, 48)
 
 
 @contextlib.contextmanager
@@ -169,8 +174,10 @@ class AdversarialTrainer(Trainer):
         # Models whose forward takes **kwargs are otherwise given `num_items_in_batch` and trusted to divide by it,
         # which sequence-classification heads do not do: gradient accumulation would then sum instead of average.
         self.model_accepts_loss_kwargs = False
-        if not hasattr(self, "current_gradient_accumulation_steps"):  # set by `train()`; `training_step` alone
-            self.current_gradient_accumulation_steps = 1
+        if not hasattr(self, "current_gradient_accumulation_steps"):
+            # Set for each accumulation window by `train()` from transformers 4.57 (fewer for an epoch's last, short
+            # window); before 4.57 the parent divides by `gradient_accumulation_steps` throughout.
+            self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
         self._check_supported()
         self.adversary: AdversarialMethod | None = None
         self.vat: VAT | None = None
@@ -280,15 +287,18 @@ class AdversarialTrainer(Trainer):
         explicit = getattr(self, "loss_is_scaled_for_ga", None)
         if explicit is not None:
             return bool(explicit)
-        return bool(
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-            or getattr(self, "compute_loss_func", None) is not None
+        # Before 4.49 `num_items_in_batch` is None unless the model takes loss kwargs (which we turn off): a
+        # `compute_loss_func` then gets None and returns a per-micro-batch mean.
+        return num_items_in_batch is not None and bool(
+            self.model_accepts_loss_kwargs or getattr(self, "compute_loss_func", None) is not None
         )
 
     # -- the training step -------------------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None, *args, **kwargs) -> torch.Tensor:
         active = self.args.adversarial and self._attack_active()
         if not active:
+            if _PARENT_SUMS_MICRO_BATCHES and self.args.gradient_accumulation_steps > 1:
+                return self._clean_training_step(model, inputs, num_items_in_batch)
             return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         if unwrap_model(model) is not self._methods_model:  # `model_init` built a new model for this run
             self._build_methods(model)
@@ -362,6 +372,34 @@ class AdversarialTrainer(Trainer):
         if loss is None:  # no labelled row in this micro-batch
             return torch.zeros((), device=self.args.device)
         return (loss / loss_divisor).detach()
+
+    if _TRANSFORMERS_VERSION < (4, 47):
+
+        def _load_rng_state(self, checkpoint):
+            """transformers 4.46 loads the checkpoint's RNG state with `torch.load`'s default, weights_only=True
+            since torch 2.6, which refuses its numpy arrays; 4.47 allows them as below."""
+            import numpy as np
+
+            np_core = getattr(np, "_core", None) or np.core
+            allowed = [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+            safe = getattr(torch.serialization, "safe_globals", None)
+            with safe(allowed) if safe is not None else contextlib.nullcontext():
+                return super()._load_rng_state(checkpoint)
+
+    def _clean_training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """The parent's training step with the loss divided for gradient accumulation (transformers < 4.48)."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            loss = loss / self.current_gradient_accumulation_steps
+        self.accelerator.backward(loss)
+        return loss.detach()
 
     def _labelled_rows(self, inputs: dict) -> dict | None:
         """The batch without its unlabelled rows (all labels -100): `inputs` itself when every row is labelled, None

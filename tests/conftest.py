@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -62,11 +63,14 @@ def training_args(tmp_path, cls=AdversarialTrainingArguments, **overrides):
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         weight_decay=0.0,
-        train_sampling_strategy="sequential",
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
     )
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(cls)}:
+        # transformers >= 5: batches in dataset order. 4.x has no such field and always shuffles, with accelerate's
+        # SeedableRandomSampler seeded from `seed`: the same order in every run with the same seed.
+        defaults["train_sampling_strategy"] = "sequential"
     if cls is AdversarialTrainingArguments:
         defaults["adv_start_epoch"] = 0.0
     defaults.update(overrides)
@@ -129,3 +133,15 @@ def deterministic_vat_noise(monkeypatch):
 
 
 __all__ = ["copy"]
+
+
+@pytest.fixture(autouse=True)
+def sequential_batches_on_transformers_4(monkeypatch):
+    """Batches in dataset order, as `train_sampling_strategy="sequential"` gives from transformers 5; 4.x has no such
+    field and always shuffles (seeded), so which examples share a micro-batch would depend on the seed."""
+    if "train_sampling_strategy" not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+
+        def sequential(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
+
+        monkeypatch.setattr(Trainer, "_get_train_sampler", sequential)
