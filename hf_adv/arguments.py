@@ -106,6 +106,11 @@ class AdversarialTrainingArguments(TrainingArguments):
             self.warmup_ratio, self.warmup_steps = self.warmup_steps, 0
         super().__post_init__()
         methods = list_methods()
+        if self.adv_method == "vat":
+            raise ValueError(
+                "adv_method='vat': VAT is a loss term added to any adv_method, not an adv_method; set vat_weight > 0 "
+                f"(with adv_method='none' for VAT alone). adv_method is one of {methods}."
+            )
         if self.adv_method not in methods:
             raise ValueError(f"adv_method={self.adv_method!r} is not one of {methods}.")
         positive = {

@@ -91,13 +91,19 @@ def find_input_embedding(
 
 
 def lookup_modules(model: nn.Module, module: nn.Module, weight: torch.Tensor) -> list[nn.Module]:
-    """`module` and every other `nn.Embedding` of `model` that looks up the same `weight` (a tied LM head is an
-    `nn.Linear` and is not one of them)."""
+    """The modules whose forward looks up `weight`: `module` and every other `nn.Embedding` of `model` with that
+    weight (a tied LM head is an `nn.Linear` and is not one of them), without a module that wraps another of them
+    (PEFT's `ModulesToSaveWrapper` and LoRA embedding layers call the inner `nn.Embedding`: hooking both would add
+    the perturbation twice)."""
     found = [module]
     for candidate in unwrap_model(model).modules():
         if candidate is not module and isinstance(candidate, nn.Embedding) and candidate.weight is weight:
             found.append(candidate)
-    return found
+    return [m for m in found if not any(other is not m and _contains(m, other) for other in found)]
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(sub is inner for sub in outer.modules() if sub is not outer)
 
 
 Delta = torch.Tensor | Sequence[torch.Tensor]
@@ -273,12 +279,30 @@ class EmbeddingTap:
         return rows, row_grad
 
     def captured_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row gradient of the backward passes that reached the outputs recorded since the last reset."""
+        """Row gradient of the backward passes that reached the outputs recorded since the last reset.
+
+        Raises:
+            `RuntimeError`: when no lookup was recorded, none received a gradient, or only some did (a grad-enabled
+                forward ran without a backward, such as an accuracy check: its lookups would take the place of the
+                clean pass's in the attack).
+        """
         missing = sum(g is None for g in self.output_grads)
-        if not self.outputs or missing == len(self.outputs):
+        if not self.outputs:
+            raise RuntimeError(
+                "No input-embedding lookup was recorded since the last reset: run the clean forward (on `input_ids`) "
+                "and its backward before attacking."
+            )
+        if missing == len(self.outputs):
             raise RuntimeError(
                 f"The embedding output was recorded {len(self.outputs)} times but received no gradient: call "
                 "`backward()` on the loss before attacking."
+            )
+        if missing:
+            raise RuntimeError(
+                f"{missing} of the {len(self.outputs)} input-embedding lookups recorded since the last reset received "
+                "no gradient: a forward with gradients enabled ran without a backward (an accuracy check, a probe), "
+                "or part of the model's lookups do not reach the loss. Run such forwards under `torch.no_grad()`, "
+                "and call the clean forward and backward inside `method.capture()`."
             )
         return self.rows_gradient(self.output_grads)
 

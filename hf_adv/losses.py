@@ -30,9 +30,17 @@ def infer_problem_type(config, labels: torch.Tensor | None) -> str:
     return MULTI_LABEL
 
 
-def find_logits(outputs) -> torch.Tensor:
+Logits = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def detach(logits: Logits) -> Logits:
+    return tuple(t.detach() for t in logits) if isinstance(logits, tuple) else logits.detach()
+
+
+def find_logits(outputs) -> Logits:
     """The logits (predictions) in a model's outputs: the tensor itself, the `logits` entry of a dict or
-    `ModelOutput`, or the first tensor of a tuple after a leading scalar loss.
+    `ModelOutput` (else its `*_logits` entries as a tuple, as question-answering heads return `start_logits` and
+    `end_logits`), or the first tensor of a tuple after a leading scalar loss.
 
     Raises:
         `ValueError`: when the outputs hold no such tensor.
@@ -43,6 +51,10 @@ def find_logits(outputs) -> torch.Tensor:
         logits = outputs.get("logits")
         if isinstance(logits, torch.Tensor):
             return logits
+        # Several heads (question answering: start_logits and end_logits): one prediction per head.
+        heads = tuple(v for k, v in outputs.items() if k.endswith("_logits") and isinstance(v, torch.Tensor))
+        if heads:
+            return heads
         raise ValueError(
             f"VAT needs the model's predictions, but its output is a {type(outputs).__name__} with keys "
             f"{sorted(outputs)} and no 'logits'. Return a logits tensor, a tuple with the logits first (after the "
@@ -72,6 +84,8 @@ def resolve_divergence(setting: str, config, labels: torch.Tensor | None, logits
     """
     if setting != "auto":
         return setting
+    if isinstance(logits, tuple):
+        logits = logits[0]
     if config is not None and (getattr(config, "problem_type", None) or hasattr(config, "num_labels")):
         return {v: k for k, v in DIVERGENCES.items()}.get(infer_problem_type(config, labels), "kl")
     if labels is None:
@@ -127,7 +141,9 @@ def divergence(
     if name == "mse" and positions is not None:
         positions = None  # regression heads predict per example (batch x targets); nothing to mask
 
-    def distance(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def distance(clean_logits: Logits, logits: Logits) -> torch.Tensor:
+        if isinstance(clean_logits, tuple):  # one prediction per head: the sum of their divergences
+            return sum(distance(c, p) for c, p in zip(clean_logits, logits))
         if clean_logits.dim() == 1 and name == "mse":  # a squeezed single-target regressor: batch
             clean_logits, logits = clean_logits.unsqueeze(-1), logits.unsqueeze(-1)
         values = per_prediction(clean_logits, logits)
@@ -142,7 +158,7 @@ def divergence(
 def prediction_positions(inputs: Mapping, logits: torch.Tensor) -> torch.Tensor | None:
     """The mask of real positions for per-token logits (batch x sequence x classes): the decoder attention mask, the
     attention mask, or the labels that are not -100, whichever matches the logits' first two dimensions."""
-    if logits.dim() != 3:
+    if isinstance(logits, tuple) or logits.dim() != 3:
         return None
     for key in ("decoder_attention_mask", "attention_mask"):
         mask = inputs.get(key)

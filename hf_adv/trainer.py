@@ -18,6 +18,7 @@ all-reduce, so gradients are reduced once per optimizer step whatever the number
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import defaultdict
 
 import torch
@@ -32,6 +33,7 @@ from transformers.utils import logging
 from .arguments import AdversarialTrainingArguments
 from .embedding import EmbeddingTap, unwrap_model
 from .losses import (
+    detach,
     divergence,
     find_logits,
     lookup_masks,
@@ -97,6 +99,21 @@ class _OutputCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def _loss_uses_num_items(model: nn.Module) -> bool:
+    """Whether the model's own loss divides by `num_items_in_batch`: its forward calls `self.loss_function`, and
+    that is one of transformers' token-level losses (causal LM, masked LM, token classification), which normalise
+    by the number of label tokens of the whole accumulated batch."""
+    model = unwrap_model(model)
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss, ForTokenClassification
+
+        token_level = (ForCausalLMLoss, ForMaskedLMLoss, ForTokenClassification)
+        calls_loss_function = "self.loss_function(" in inspect.getsource(type(model).forward)
+        return calls_loss_function and getattr(model, "loss_function", None) in token_level
+    except (ImportError, OSError, TypeError, AttributeError, KeyError, ValueError):
+        return False
 
 
 def _uses_reentrant_checkpointing(args, model: nn.Module) -> bool:
@@ -171,9 +188,10 @@ class AdversarialTrainer(Trainer):
                 "build it with the same fields plus adv_method=..., or use transformers.Trainer for plain training."
             )
         super().__init__(model, args, *a, **kw)
-        # Models whose forward takes **kwargs are otherwise given `num_items_in_batch` and trusted to divide by it,
-        # which sequence-classification heads do not do: gradient accumulation would then sum instead of average.
-        self.model_accepts_loss_kwargs = False
+        # Models whose forward takes **kwargs are given `num_items_in_batch` and trusted to divide by it, which
+        # sequence-classification heads do not do: gradient accumulation would then sum instead of average. Only
+        # models whose own loss does divide by it (language models, token classification) keep it.
+        self.model_accepts_loss_kwargs = bool(self.model_accepts_loss_kwargs) and _loss_uses_num_items(self.model)
         if not hasattr(self, "current_gradient_accumulation_steps"):
             # Set for each accumulation window by `train()` from transformers 4.57 (fewer for an epoch's last, short
             # window); before 4.57 the parent divides by `gradient_accumulation_steps` throughout.
@@ -345,7 +363,7 @@ class AdversarialTrainer(Trainer):
                 if self._outputs is not None and labelled is inputs:
                     clean_outputs, shapes = self._outputs.outputs, self.tap.output_shapes()
                 backward(loss / loss_divisor, last=False)
-                self._record("clean_loss", loss)
+                self._record("clean_loss", loss * (accumulation / loss_divisor))
 
             # 2. The perturbation passes.
             if adversary is not None:
@@ -354,7 +372,7 @@ class AdversarialTrainer(Trainer):
                     if not attack.skipped:
                         adv_loss = supervised_loss(labelled)
                         backward(adv_loss / loss_divisor, last=self.vat is None)
-                        self._record("adv_loss", adv_loss)
+                        self._record("adv_loss", adv_loss * (accumulation / loss_divisor))
                         self._record("adv_perturbation_norm", attack.norm)
 
             # 3. The regularizer term.
@@ -412,37 +430,37 @@ class AdversarialTrainer(Trainer):
             return None
         return _select_rows(inputs, (~missing).nonzero().squeeze(1), labels.shape[0])
 
-    def _vat_inputs(self, model: nn.Module, inputs: dict) -> dict:
-        """The batch as VAT's forwards see it: without labels, except where an encoder-decoder builds its decoder
-        inputs from them."""
-        label_names = set(getattr(self, "label_names", None) or ["labels"])
-        config = getattr(unwrap_model(model), "config", None)
-        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
-            label_names.discard("labels")
-        return {k: v for k, v in inputs.items() if k not in label_names}
+    def _model_outputs(self, model: nn.Module, inputs: dict, num_items_in_batch=None):
+        """What the model returns when the user's loss code runs on (a copy of) `inputs`: VAT's forwards go through
+        `compute_loss` like every other pass, so an override that changes the inputs is honoured; its loss is
+        not used."""
+        with self._outputs.capturing() as capture, self.compute_loss_context_manager():
+            self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+        if capture.outputs is None:
+            raise ValueError(
+                "VAT needs the model's predictions, but `compute_loss` did not call the model given to the trainer "
+                f"({type(unwrap_model(model)).__name__})."
+            )
+        return capture.outputs
 
     def _vat_loss(self, model, inputs: dict, clean_outputs, shapes, grad_scale: float) -> torch.Tensor | None:
-        vat_inputs = self._vat_inputs(model, inputs)
-
-        def forward() -> torch.Tensor:
-            with self.compute_loss_context_manager():
-                return find_logits(model(**dict(vat_inputs)))
+        def forward():
+            return find_logits(self._model_outputs(model, inputs))
 
         if clean_outputs is None:
             # Unlabelled rows (or a compute_loss that never called the model): clean predictions of the whole batch.
             self.tap.reset()
-            with torch.no_grad(), self.compute_loss_context_manager():
-                clean_outputs = model(**dict(vat_inputs))
+            with torch.no_grad():
+                clean_outputs = self._model_outputs(model, inputs)
             shapes = self.tap.output_shapes()
             self.tap.reset()
-        clean_logits = find_logits(clean_outputs).detach()
+        clean_logits = detach(find_logits(clean_outputs))
         if self._vat_divergence is None:
             config = getattr(unwrap_model(model), "config", None)
-            self._vat_divergence = resolve_divergence(
-                self.args.vat_divergence, config, inputs.get("labels"), clean_logits
-            )
+            labels = inputs.get("labels")
+            self._vat_divergence = resolve_divergence(self.args.vat_divergence, config, labels, clean_logits)
         distance = divergence(self._vat_divergence, prediction_positions(inputs, clean_logits))
-        masks = lookup_masks(vat_inputs, shapes)
+        masks = lookup_masks(inputs, shapes)
         r_adv = self.vat.adversarial_direction(forward, clean_logits, shapes, distance, grad_scale, masks)
         self._record("vat_skipped", torch.tensor(float(r_adv is None)))
         if r_adv is None:

@@ -14,6 +14,7 @@ from conftest import (
     make_dataset,
     make_trainer,
     state,
+    tiny_config,
     tiny_model,
     training_args,
 )
@@ -396,3 +397,162 @@ def test_plain_training_arguments_are_refused(tmp_path):
 
     with pytest.raises(TypeError, match="AdversarialTrainingArguments"):
         AdversarialTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+
+
+# -- drop-in edge cases found by trying the library as a user -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "peft_kwargs",
+    [dict(modules_to_save=["word_embeddings"]), dict(target_modules=["query", "value", "word_embeddings"])],
+    ids=["modules_to_save", "lora-on-embedding"],
+)
+def test_peft_wrapped_embedding_is_perturbed_once(peft_kwargs):
+    """A PEFT wrapper around the embedding calls the inner nn.Embedding: only the one doing the lookup is hooked,
+    so the attack is the one of an unwrapped embedding (LoRA starts as the identity: same function)."""
+    peft = pytest.importorskip("peft")
+    batch = make_batch()
+
+    def adversarial_loss(**kwargs):
+        config = dict(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+        config.update(kwargs)
+        model = peft.get_peft_model(tiny_model(), peft.LoraConfig(**config))
+        fgm = FGM(model, epsilon=0.5)
+        model(**batch).loss.backward()
+        with fgm.perturbed() as attack:
+            loss = model(**batch).loss.item()
+        fgm.remove()
+        return loss, len(fgm.tap.modules), float(attack.norm)
+
+    assert adversarial_loss(**peft_kwargs) == pytest.approx(adversarial_loss(), abs=1e-6)
+    assert adversarial_loss(**peft_kwargs)[1] == 1
+
+
+def test_forward_without_backward_before_the_attack_is_refused():
+    """A grad-enabled forward that never gets a backward (an accuracy check) would lend its lookups to the attack."""
+    model = tiny_model()
+    fgm = FGM(model, epsilon=0.5)
+    model(**make_batch(seed=7))  # a probe: grad enabled, no backward
+    model(**make_batch()).loss.backward()
+    with pytest.raises(RuntimeError, match="1 of the 2 input-embedding lookups .* received no gradient"):
+        with fgm.perturbed():
+            pass
+    fgm.remove()
+
+
+def test_vat_forwards_go_through_the_users_compute_loss(tmp_path):
+    """An override that drops a column before calling a strict model: VAT's passes see what the override makes."""
+    from datasets import Dataset
+
+    class Strict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = tiny_model()
+
+        def get_input_embeddings(self):
+            return self.bert.get_input_embeddings()
+
+        def forward(self, input_ids, attention_mask, labels=None):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    class DropsIndex(AdversarialTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs.pop("idx")
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    rows = {k: v.tolist() for k, v in make_batch(8).items()}
+    dataset = Dataset.from_dict({**rows, "idx": list(range(8))})
+    args = training_args(
+        tmp_path, vat_weight=1.0, adv_method="pgd", max_steps=2, logging_steps=1, remove_unused_columns=False
+    )
+    trainer = DropsIndex(model=Strict(), args=args, train_dataset=dataset)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "vat_loss" in h]
+    assert logs and all(h["vat_loss"] > 0 and h["adv_loss"] > 0 for h in logs)
+
+
+def test_vat_on_question_answering_heads(tmp_path, deterministic_vat_noise):
+    """start_logits and end_logits: the divergence is the sum of the two softmax KLs over positions."""
+    from datasets import Dataset
+    from transformers import BertForQuestionAnswering
+
+    from hf_adv.losses import find_logits
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(tiny_config())
+    batch = make_batch(8)
+    rows = {"input_ids": batch["input_ids"].tolist(), "attention_mask": batch["attention_mask"].tolist()}
+    dataset = Dataset.from_dict({**rows, "start_positions": [1] * 8, "end_positions": [3] * 8})
+    trainer = AdversarialTrainer(
+        model=model, args=training_args(tmp_path, vat_weight=1.0, max_steps=2, logging_steps=1), train_dataset=dataset
+    )
+    trainer.train()
+    assert all(h["vat_loss"] > 0 for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h)
+    start, end = find_logits(model(input_ids=batch["input_ids"][:2]))
+    assert start.shape == end.shape == (2, 10)
+
+
+def test_losses_are_logged_per_micro_batch_with_compute_loss_func(tmp_path):
+    """A compute_loss_func loss is normalised over the accumulation window; clean_loss and adv_loss are logged on the
+    scale of `loss` (a micro-batch's mean), whatever the accumulation."""
+
+    def mean_ce(outputs, labels, num_items_in_batch=None):
+        total = torch.nn.functional.cross_entropy(outputs["logits"], labels, reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+    logged = {}
+    for accumulation in (1, 2):
+        trainer = make_trainer(
+            tmp_path / str(accumulation),
+            dataset=make_dataset(8),
+            adv_method="fgm",
+            max_steps=1,
+            logging_steps=1,
+            learning_rate=0.0,
+            per_device_train_batch_size=8 // accumulation,
+            gradient_accumulation_steps=accumulation,
+        )
+        trainer.compute_loss_func = mean_ce
+        trainer.train()
+        logged[accumulation] = next(h for h in trainer.state.log_history if "clean_loss" in h)
+    for log in logged.values():
+        assert log["clean_loss"] == pytest.approx(log["loss"], rel=1e-3)
+    assert logged[2]["adv_loss"] == pytest.approx(logged[1]["adv_loss"], rel=0.05)
+
+
+def test_causal_lm_accumulation_is_token_weighted_as_in_trainer(tmp_path):
+    """A causal LM's own loss divides by the label tokens of the whole accumulated batch: micro-batches with few
+    label tokens weigh less, and batch 4 x GA 2 gives the update of batch 8, as with a plain Trainer."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def lm():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return LlamaForCausalLM(config)
+
+    ids = torch.randint(1, 99, (8, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:4, :9] = -100  # the first micro-batch has few label tokens
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    big = make_trainer(tmp_path / "big", model=lm(), dataset=dataset, max_steps=1, per_device_train_batch_size=8)
+    accumulated = make_trainer(
+        tmp_path / "ga", model=lm(), dataset=dataset, max_steps=1, gradient_accumulation_steps=2
+    )
+    assert accumulated.model_accepts_loss_kwargs and not make_trainer(tmp_path / "bert").model_accepts_loss_kwargs
+    big.train()
+    accumulated.train()
+    assert_close_dicts(state(accumulated.model), state(big.model), atol=1e-6)
+
+
+def test_vat_is_not_an_adv_method(tmp_path):
+    with pytest.raises(ValueError, match="set vat_weight > 0"):
+        AdversarialTrainingArguments(output_dir=str(tmp_path), report_to="none", adv_method="vat")

@@ -111,7 +111,8 @@ class VAT:
             masks: for each lookup, None or its batch x sequence mask of real tokens: the random start is zero on
                 padding, as in Miyato et al.'s code, so that padding takes no share of the probe's norm.
         """
-        ds = [self.sample_noise(tuple(shape), clean_logits) for shape in shapes]
+        like = clean_logits[0] if isinstance(clean_logits, tuple) else clean_logits
+        ds = [self.sample_noise(tuple(shape), like) for shape in shapes]
         if masks is not None:
             ds = [d if m is None else d * m.unsqueeze(-1).to(d) for d, m in zip(ds, masks)]
         for _ in range(self.iterations):
