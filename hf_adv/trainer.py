@@ -107,9 +107,10 @@ def _loss_uses_num_items(model: nn.Module) -> bool:
     by the number of label tokens of the whole accumulated batch."""
     model = unwrap_model(model)
     try:
-        from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss, ForTokenClassification
+        from transformers.loss import loss_utils
 
-        token_level = (ForCausalLMLoss, ForMaskedLMLoss, ForTokenClassification)
+        names = ("ForCausalLMLoss", "ForMaskedLMLoss", "ForTokenClassification")  # ForMaskedLMLoss: from 4.47
+        token_level = tuple(getattr(loss_utils, name) for name in names if hasattr(loss_utils, name))
         calls_loss_function = "self.loss_function(" in inspect.getsource(type(model).forward)
         return calls_loss_function and getattr(model, "loss_function", None) in token_level
     except (ImportError, OSError, TypeError, AttributeError, KeyError, ValueError):
