@@ -23,12 +23,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_equal_dicts, state, training_args
+from conftest import tiny_config as bert_config
 from datasets import Dataset
 from torch import nn
 from transformers import (
     BartConfig,
     BartForSequenceClassification,
-    BertConfig,
     BertForMultipleChoice,
     BertForSequenceClassification,
     BertForTokenClassification,
@@ -109,21 +109,6 @@ def seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         return build()
 
     return factory
-
-
-def bert_config(**overrides) -> BertConfig:
-    config = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=2,
-    )
-    config.update(overrides)
-    return BertConfig(**config)
 
 
 def t5_config(**overrides) -> T5Config:
