@@ -11,7 +11,7 @@ import transformers
 from transformers import TrainingArguments
 
 from .losses import DIVERGENCE_CHOICES
-from .methods import list_methods
+from .methods import get_method_class, list_methods
 
 
 @dataclass
@@ -148,4 +148,4 @@ class AdversarialTrainingArguments(TrainingArguments):
     def resolved_start_epoch(self) -> float:
         if self.adv_start_epoch is not None:
             return self.adv_start_epoch
-        return 1.0 if self.adv_method == "awp" else 0.0
+        return get_method_class(self.adv_method).default_start_epoch if self.adv_method != "none" else 0.0

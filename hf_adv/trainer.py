@@ -263,30 +263,10 @@ class AdversarialTrainer(Trainer):
             "embedding_argument": "adv_embedding_name",
         }
         if args.adv_method != "none":
-            cls = get_method_class(args.adv_method)
-            kwargs = {
-                "fgm": {"epsilon": args.adv_epsilon},
-                "fgsm": {"epsilon": args.adv_epsilon},
-                "pgd": {"epsilon": args.adv_epsilon, "alpha": args.adv_alpha, "steps": args.adv_steps},
-                "awp": {
-                    "lr": args.awp_lr,
-                    "eps": args.awp_eps,
-                    "param_pattern": args.awp_param_pattern,
-                    "discard_clean_grad": args.awp_discard_clean_grad,
-                },
-            }.get(args.adv_method, {})
-            self.adversary = cls(model, **common, **kwargs)
+            self.adversary = get_method_class(args.adv_method).from_args(model, args, **common)
             self.tap = self.adversary.tap
         if args.vat_weight > 0:
-            self.vat = VAT(
-                model,
-                epsilon=args.vat_epsilon,
-                xi=args.vat_xi,
-                iterations=args.vat_iterations,
-                divergence=args.vat_divergence,
-                tap=self.tap,
-                **common,
-            )
+            self.vat = VAT.from_args(model, args, tap=self.tap, **common)
             self.tap = self.vat.tap
             self._outputs = _OutputCapture(extract_model_from_parallel(model, keep_fp32_wrapper=True))
         if self.tap is not None:

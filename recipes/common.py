@@ -29,6 +29,8 @@ import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
+from hf_adv.methods import VAT, get_method_class
+
 logger = logging.getLogger(__name__)
 
 # Local formats, by file extension (after any compression suffix).
@@ -533,14 +535,10 @@ def describe_method(training_args) -> str:
     """The adversarial set-up in one phrase, for the summary."""
     args = training_args
     parts = []
-    if args.adv_method in ("fgm", "fgsm"):
-        parts.append(f"{args.adv_method} (epsilon {args.adv_epsilon})")
-    elif args.adv_method == "pgd":
-        parts.append(f"pgd (epsilon {args.adv_epsilon}, alpha {args.adv_alpha}, {args.adv_steps} steps)")
-    elif args.adv_method == "awp":
-        parts.append(f"awp (lr {args.awp_lr}, eps {args.awp_eps})")
+    if args.adv_method != "none":
+        parts.append(get_method_class(args.adv_method).describe(args))
     if args.vat_weight > 0:
-        parts.append(f"vat (weight {args.vat_weight}, epsilon {args.vat_epsilon})")
+        parts.append(VAT.describe(args))
     if not parts:
         return "none (plain fine-tuning)"
     start = args.resolved_start_epoch

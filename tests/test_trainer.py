@@ -556,3 +556,26 @@ def test_causal_lm_accumulation_is_token_weighted_as_in_trainer(tmp_path):
 def test_vat_is_not_an_adv_method(tmp_path):
     with pytest.raises(ValueError, match="set vat_weight > 0"):
         AdversarialTrainingArguments(output_dir=str(tmp_path), report_to="none", adv_method="vat")
+
+
+def test_a_registered_method_is_built_from_its_flags(tmp_path, monkeypatch):
+    """The trainer, the arguments and the recipes' summary learn a method from the registry: its flags
+    (`args_kwargs`), its default start (`default_start_epoch`) and its description."""
+    from hf_adv.methods import base
+
+    class HalfFGM(FGM):
+        name = "half_fgm"
+        default_start_epoch = 0.5
+
+        @classmethod
+        def args_kwargs(cls, args):
+            return {"epsilon": args.adv_epsilon / 2}
+
+    monkeypatch.setitem(base._METHODS, "half_fgm", HalfFGM)
+    args = AdversarialTrainingArguments(output_dir=str(tmp_path), report_to="none", adv_method="half_fgm")
+    assert args.resolved_start_epoch == 0.5
+    trainer = make_trainer(tmp_path, adv_method="half_fgm", adv_epsilon=0.5)
+    assert isinstance(trainer.adversary, HalfFGM) and trainer.adversary.epsilon == 0.25
+    trainer.training_step(trainer.model, make_batch())
+    assert float(trainer._adv_metrics["adv_perturbation_norm"][0]) == pytest.approx(0.25)
+    assert HalfFGM.describe(args) == "half_fgm (epsilon 1.0)"

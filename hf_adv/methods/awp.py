@@ -49,6 +49,21 @@ class AWP(AdversarialMethod):
 
     name = "awp"
     uses_embedding = False
+    # AWP from the first step, on a fresh classifier head, can destroy fine-tuning: train clean for an epoch.
+    default_start_epoch = 1.0
+
+    @classmethod
+    def args_kwargs(cls, args) -> dict:
+        return {
+            "lr": args.awp_lr,
+            "eps": args.awp_eps,
+            "param_pattern": args.awp_param_pattern,
+            "discard_clean_grad": args.awp_discard_clean_grad,
+        }
+
+    @classmethod
+    def describe(cls, args) -> str:
+        return f"awp (lr {args.awp_lr}, eps {args.awp_eps})"
 
     def __init__(
         self,

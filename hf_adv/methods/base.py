@@ -63,6 +63,23 @@ class AdversarialMethod:
     name: str = ""
     # Methods that perturb the embedding output need the embedding hooks; AWP does not.
     uses_embedding: bool = True
+    # The epoch the trainer starts the method at unless `adv_start_epoch` says otherwise.
+    default_start_epoch: float = 0.0
+
+    @classmethod
+    def args_kwargs(cls, args) -> dict:
+        """The constructor's keyword arguments from `AdversarialTrainingArguments`' flat flags."""
+        return {}
+
+    @classmethod
+    def from_args(cls, model: nn.Module, args, **kwargs) -> AdversarialMethod:
+        """The method configured by `AdversarialTrainingArguments` (`kwargs`: `embedding_name`, `attach`, ...)."""
+        return cls(model, **cls.args_kwargs(args), **kwargs)
+
+    @classmethod
+    def describe(cls, args) -> str:
+        """The method and its settings in one phrase, for logs and recipe summaries."""
+        return cls.name
 
     def __init__(
         self,

@@ -43,6 +43,14 @@ class FGM(AdversarialMethod):
         super().__init__(model, **kwargs)
         self.epsilon = epsilon
 
+    @classmethod
+    def args_kwargs(cls, args) -> dict:
+        return {"epsilon": args.adv_epsilon}
+
+    @classmethod
+    def describe(cls, args) -> str:
+        return f"{cls.name} (epsilon {args.adv_epsilon})"
+
     def step(self, grad: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """The perturbation of the touched rows for their gradient `grad` of L2 norm `norm`."""
         return self.epsilon * grad / norm

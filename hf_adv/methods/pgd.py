@@ -46,6 +46,14 @@ class PGD(AdversarialMethod):
         super().__init__(model, **kwargs)
         self.epsilon, self.alpha, self.steps = epsilon, alpha, steps
 
+    @classmethod
+    def args_kwargs(cls, args) -> dict:
+        return {"epsilon": args.adv_epsilon, "alpha": args.adv_alpha, "steps": args.adv_steps}
+
+    @classmethod
+    def describe(cls, args) -> str:
+        return f"pgd (epsilon {args.adv_epsilon}, alpha {args.adv_alpha}, {args.adv_steps} steps)"
+
     @contextlib.contextmanager
     def perturbed(self, closure: Callable[[], torch.Tensor] | None = None) -> Iterator[AttackResult]:
         if self.steps > 1 and closure is None:

@@ -82,6 +82,22 @@ class VAT:
                 tap.attach()
         self.tap = tap
 
+    @classmethod
+    def from_args(cls, model: nn.Module, args, **kwargs) -> VAT:
+        """VAT configured by `AdversarialTrainingArguments` (`vat_*` flags)."""
+        return cls(
+            model,
+            epsilon=args.vat_epsilon,
+            xi=args.vat_xi,
+            iterations=args.vat_iterations,
+            divergence=args.vat_divergence,
+            **kwargs,
+        )
+
+    @staticmethod
+    def describe(args) -> str:
+        return f"vat (weight {args.vat_weight}, epsilon {args.vat_epsilon})"
+
     def remove(self) -> None:
         self.tap.detach()
 
