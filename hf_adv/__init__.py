@@ -3,7 +3,7 @@
 from .arguments import AdversarialTrainingArguments
 from .embedding import EmbeddingTap, find_input_embedding
 from .methods import AWP, FGM, FGSM, PGD, VAT, AdversarialMethod, AttackResult, list_methods, register_method
-from .trainer import AdversarialTrainer
+from .trainer import AdversarialMixin, AdversarialTrainer
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "PGD",
     "VAT",
     "AdversarialMethod",
+    "AdversarialMixin",
     "AdversarialTrainer",
     "AdversarialTrainingArguments",
     "AttackResult",

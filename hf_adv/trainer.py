@@ -158,12 +158,16 @@ def _select_rows(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
     }
 
 
-class AdversarialTrainer(Trainer):
-    """A drop-in `Trainer` whose training step adds an adversarial pass and a VAT term.
+class AdversarialMixin:
+    """The adversarial training step, for any `transformers.Trainer` subclass: put it first among the bases,
+    `class MyTrainer(AdversarialMixin, SFTTrainer)`, and pass `args` of a class that has the
+    `AdversarialTrainingArguments` fields (that class itself, or one composed with another config:
+    `@dataclass class Config(AdversarialTrainingArguments, SFTConfig): pass`). `AdversarialTrainer` is this mixin on
+    `Trainer`.
 
-    Takes the same arguments as `transformers.Trainer`, including `compute_loss_func`, and honours a subclass's
-    `compute_loss` and `label_smoothing_factor`; `args` must be an `AdversarialTrainingArguments`. With
-    `adv_method="none"` and `vat_weight=0` the training step is the parent's, untouched.
+    Takes the same arguments as the trainer it extends, including `compute_loss_func`, and honours a subclass's
+    `compute_loss` and `label_smoothing_factor`. With `adv_method="none"` and `vat_weight=0` the training step is the
+    parent's, untouched.
 
     A batch row whose labels are all -100 is unlabelled: it gets no supervised pass (clean or adversarial), only the
     VAT term (semi-supervised VAT).
@@ -185,8 +189,10 @@ class AdversarialTrainer(Trainer):
             args = AdversarialTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, AdversarialTrainingArguments):
             raise TypeError(
-                f"AdversarialTrainer needs `args` of type AdversarialTrainingArguments, got {type(args).__name__}; "
-                "build it with the same fields plus adv_method=..., or use transformers.Trainer for plain training."
+                f"{type(self).__name__} needs `args` of type AdversarialTrainingArguments, got {type(args).__name__}; "
+                "build it with the same fields plus adv_method=... (to keep another config class's fields, compose "
+                f"them: `@dataclass class Config(AdversarialTrainingArguments, {type(args).__name__}): pass`), or use "
+                "the parent trainer for plain training."
             )
         super().__init__(model, args, *a, **kw)
         # Models whose forward takes **kwargs are given `num_items_in_batch` and trusted to divide by it, which
@@ -503,3 +509,8 @@ class AdversarialTrainer(Trainer):
                     logs[name] = round(float(value), 6)
             self._adv_metrics.clear()
         super().log(logs, *args, **kwargs)
+
+
+class AdversarialTrainer(AdversarialMixin, Trainer):
+    """A drop-in `Trainer` whose training step adds an adversarial pass and a VAT term: `AdversarialMixin` on
+    `transformers.Trainer` (see `AdversarialMixin` for what it does, logs and refuses)."""
