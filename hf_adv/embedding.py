@@ -139,10 +139,6 @@ class EmbeddingTap:
         self.reset()
 
     @property
-    def padding_idx(self) -> int | None:
-        return getattr(self.module, "padding_idx", None)
-
-    @property
     def hidden_size(self) -> int:
         return self.weight.shape[-1]
 
@@ -251,15 +247,18 @@ class EmbeddingTap:
         flat = torch.cat([i.reshape(-1) for i in self.indices])
         return torch.unique(flat, return_inverse=True)
 
-    def rows_gradient(self, output_grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows_gradient(
+        self, output_grads: Sequence[torch.Tensor | None], touched: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scatter gradients of the recorded outputs onto the touched rows, in float32.
 
         Returns `(rows, grad)` where `grad[i]` equals `weight.grad[rows[i]]` as `nn.Embedding`'s own backward would
         compute it for these lookups (each lookup's padding positions skipped and its `scale_grad_by_freq` counts
         applied, per call as `nn.Embedding` does), and every other row's gradient is zero. For a module that scales
         its output (BART's scaled embedding) it is the gradient with respect to a shared offset of the output rows.
+        `touched`: `touched_rows()` when already known for lookups of the same indices (PGD's inner steps).
         """
-        rows, inverse = self.touched_rows()
+        rows, inverse = touched if touched is not None else self.touched_rows()
         hidden = self.hidden_size
         parts = []
         for ids, module, output, grad in zip(self.indices, self.lookups, self.outputs, output_grads):
@@ -306,17 +305,21 @@ class EmbeddingTap:
             )
         return self.rows_gradient(self.output_grads)
 
-    def gradient_of(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradient_of(
+        self, loss: torch.Tensor, touched: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row gradient of `loss` for the lookups recorded since the last reset, computing no parameter gradient."""
-        return self.rows_gradient(self.output_gradients(loss))
+        return self.rows_gradient(self.output_gradients(loss), touched)
 
     def output_gradients(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
         """Gradient of `loss` with respect to each recorded output (None where it does not depend on one)."""
         return list(torch.autograd.grad(loss, self.outputs, allow_unused=True))
 
-    def row_deltas(self, r: torch.Tensor) -> list[torch.Tensor]:
+    def row_deltas(
+        self, r: torch.Tensor, touched: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """One output perturbation per recorded lookup: delta[b, t] = r[row(b, t)] for the touched-row offsets `r`."""
-        _, inverse = self.touched_rows()
+        _, inverse = touched if touched is not None else self.touched_rows()
         deltas, start = [], 0
         for ids in self.indices:
             n = ids.numel()

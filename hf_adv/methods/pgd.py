@@ -61,8 +61,9 @@ class PGD(AdversarialMethod):
                 f"PGD with steps={self.steps} needs a `closure` that runs the forward and returns the loss."
             )
         tap = self.tap
-        rows, grad = tap.captured_gradient()
-        shapes = tap.output_shapes()
+        _, grad = tap.captured_gradient()
+        # The lookups of every inner forward must be the clean pass's: their rows are found once.
+        clean_ids, touched = list(tap.indices), tap.touched_rows()
         r = None
         deltas = None
         try:
@@ -75,14 +76,17 @@ class PGD(AdversarialMethod):
                 r_norm = r.norm()
                 if r_norm > self.epsilon:
                     r = self.epsilon * r / r_norm
-                deltas = tap.row_deltas(r)  # the lookups recorded by the clean pass or the last closure
+                deltas = tap.row_deltas(r, touched)
                 if step < self.steps - 1:
                     tap.reset()
                     with torch.enable_grad(), tap.shifted(deltas):
                         loss = closure()
-                    step_rows, grad = tap.gradient_of(loss)
-                    if tap.output_shapes() != shapes or not torch.equal(step_rows, rows):
+                    same = len(tap.indices) == len(clean_ids) and all(
+                        a.shape == b.shape and torch.equal(a, b) for a, b in zip(tap.indices, clean_ids)
+                    )
+                    if not same:
                         raise RuntimeError("The PGD closure must run the forward on the same batch as the clean pass.")
+                    _, grad = tap.gradient_of(loss, touched)
             tap.reset()
             if deltas is None:
                 yield AttackResult(skipped=True)
