@@ -13,22 +13,69 @@ from transformers import TrainingArguments
 from .losses import DIVERGENCE_CHOICES
 from .methods import get_method_class, list_methods
 
+SCOPES = ("token", "example")
+
 
 @dataclass
 class AdversarialTrainingArguments(TrainingArguments):
     # -- which attack ---------------------------------------------------------------------------------------------
     adv_method: str = field(
         default="none",
-        metadata={"help": "Adversarial method applied every training step: none, fgm, fgsm, pgd or awp."},
+        metadata={
+            "help": "The perturbation applied every training step, one of "
+            + ", ".join(list_methods("perturbation"))
+            + ". Regularizers (VAT, R-Drop) are enabled by their weight instead (vat_weight, rdrop_weight)."
+        },
+    )
+    adv_scope: str = field(
+        default="token",
+        metadata={
+            "help": "FGM/FGSM/PGD: token (one offset per vocabulary row the batch looks up, one L2 norm over the "
+            "batch: the classic competition form) or example (one offset per position, L2-normalised per example "
+            "over its real tokens, padding untouched: Miyato et al. 2017, FreeLB). In example scope adv_epsilon is "
+            "an L2 norm per example of the embedding output, the units of robust_eval_epsilons."
+        },
+    )
+    adv_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "FGM/FGSM in example scope: run the adversarial pass on this fraction of each micro-batch's rows "
+            "(at least one), drawn at random every step (Kurakin et al. 2017's mix of clean and adversarial "
+            "examples): the pass costs about that fraction of a plain one. 1.0: every row."
+        },
     )
     adv_epsilon: float = field(
         default=1.0,
         metadata={
-            "help": "FGM: L2 size of the embedding perturbation. FGSM: its L-inf size. PGD: radius of the L2 ball."
+            "help": "FGM: L2 size of the embedding perturbation (over the batch's rows in token scope, per example in "
+            "example scope). FGSM: its L-inf size. PGD: radius of the L2 ball. free: L2 size over the batch's rows."
         },
     )
-    adv_alpha: float = field(default=0.3, metadata={"help": "PGD: size of each ascent step."})
-    adv_steps: int = field(default=3, metadata={"help": "PGD: number of ascent steps K (K - 1 extra forward passes)."})
+    adv_alpha: float = field(
+        default=0.3, metadata={"help": "PGD: size of each ascent step. FreeLB: ascent step size (adv-lr)."}
+    )
+    adv_steps: int = field(
+        default=3,
+        metadata={
+            "help": "PGD: number of ascent steps K (K - 1 extra forward passes). FreeLB: K, the number of "
+            "forward+backward passes whose parameter gradients are averaged."
+        },
+    )
+    adv_init_mag: float = field(
+        default=0.0,
+        metadata={
+            "help": "FreeLB: size of the random start (uniform in +-adv_init_mag / sqrt(tokens * hidden) per "
+            "element, zero on padding); 0 starts at the clean input."
+        },
+    )
+    adv_max_norm: float = field(
+        default=0.0,
+        metadata={"help": "FreeLB: radius of the L2 ball per example the perturbation is projected onto; 0: none."},
+    )
+    freelb_clean_loss: bool = field(
+        default=False,
+        metadata={"help": "FreeLB: also train on the clean loss (one more pass), besides the K perturbed passes."},
+    )
     adv_embedding_name: str | None = field(
         default=None,
         metadata={
@@ -83,6 +130,15 @@ class AdversarialTrainingArguments(TrainingArguments):
             "shape: bernoulli; other float: mse)."
         },
     )
+    # -- R-Drop ---------------------------------------------------------------------------------------------------
+    rdrop_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "R-Drop (Liang et al., NeurIPS 2021): weight alpha of the symmetric KL between the predictions of "
+            "the clean pass and of a second pass with its own dropout mask (Bernoulli KL for multi-label, squared "
+            "error for regression); the second pass's supervised loss is added too, as in the paper. 0 disables."
+        },
+    )
     # -- robustness in evaluate() -----------------------------------------------------------------------------------
     robust_eval_epsilons: list[float] | None = field(
         default=None,
@@ -105,14 +161,41 @@ class AdversarialTrainingArguments(TrainingArguments):
             # takes the ratio as warmup_ratio (which 5 no longer has).
             self.warmup_ratio, self.warmup_steps = self.warmup_steps, 0
         super().__post_init__()
-        methods = list_methods()
-        if self.adv_method == "vat":
+        perturbations = list_methods("perturbation")
+        regularizers = {name: get_method_class(name) for name in list_methods("regularizer")}
+        if self.adv_method in regularizers:
+            weight = regularizers[self.adv_method].weight_field
             raise ValueError(
-                "adv_method='vat': VAT is a loss term added to any adv_method, not an adv_method; set vat_weight > 0 "
-                f"(with adv_method='none' for VAT alone). adv_method is one of {methods}."
+                f"adv_method={self.adv_method!r}: {self.adv_method} is a regularizer, a loss term added to any "
+                f"adv_method, not an adv_method; set {weight} > 0 (with adv_method='none' for it alone). "
+                f"adv_method is one of {perturbations}."
             )
-        if self.adv_method not in methods:
-            raise ValueError(f"adv_method={self.adv_method!r} is not one of {methods}.")
+        if self.adv_method not in perturbations:
+            raise ValueError(f"adv_method={self.adv_method!r} is not one of {perturbations}.")
+        if self.adv_scope not in SCOPES:
+            raise ValueError(f"adv_scope={self.adv_scope!r} is not one of {list(SCOPES)}.")
+        for cls in regularizers.values():
+            if not getattr(self, cls.weight_field) >= 0:
+                raise ValueError(
+                    f"{cls.weight_field} must be >= 0 (0 disables {cls.name}), got {getattr(self, cls.weight_field)}."
+                )
+        for name in ("adv_init_mag", "adv_max_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 < self.adv_fraction <= 1:
+            raise ValueError(f"adv_fraction must be in (0, 1], got {self.adv_fraction}.")
+        if self.adv_fraction < 1 and not (
+            self.adv_method != "none" and getattr(get_method_class(self.adv_method), "supports_fraction", False)
+        ):
+            supported = [
+                m for m in list_methods() if m != "none" and getattr(get_method_class(m), "supports_fraction", False)
+            ]
+            raise ValueError(
+                f"adv_fraction={self.adv_fraction} is for adv_method in {supported} (with adv_scope='example'); "
+                f"adv_method={self.adv_method!r} would ignore it. Leave adv_fraction at 1.0."
+            )
+        for cls, _ in self.configured_methods():
+            cls.check_args(self)
         positive = {
             "adv_epsilon": self.adv_epsilon,
             "adv_alpha": self.adv_alpha,
@@ -132,20 +215,31 @@ class AdversarialTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.vat_divergence not in DIVERGENCE_CHOICES:
             raise ValueError(f"vat_divergence={self.vat_divergence!r} is not one of {list(DIVERGENCE_CHOICES)}.")
-        if not self.vat_weight >= 0:
-            raise ValueError(f"vat_weight must be >= 0 (0 disables VAT), got {self.vat_weight}.")
         if self.adv_start_epoch is not None and self.adv_start_epoch < 0:
             raise ValueError(f"adv_start_epoch must be >= 0, got {self.adv_start_epoch}.")
         if self.adv_start_step < 0:
             raise ValueError(f"adv_start_step must be >= 0, got {self.adv_start_step}.")
 
+    def configured_methods(self) -> list[tuple[type, str]]:
+        """The method classes these arguments enable, with their description: the perturbation named by
+        `adv_method`, then every registered regularizer whose weight flag is > 0."""
+        classes = [get_method_class(self.adv_method)] if self.adv_method != "none" else []
+        classes += [
+            get_method_class(name) for name in list_methods("regularizer") if get_method_class(name).enabled(self)
+        ]
+        return [(cls, cls.describe(self)) for cls in classes]
+
+    def describe_methods(self) -> str:
+        """The configured methods in one phrase (`none` when there are none)."""
+        return " + ".join(described for _, described in self.configured_methods()) or "none"
+
     @property
     def adversarial(self) -> bool:
-        """Whether any adversarial term is configured."""
-        return self.adv_method != "none" or self.vat_weight > 0
+        """Whether any method is configured."""
+        return bool(self.configured_methods())
 
     @property
     def resolved_start_epoch(self) -> float:
         if self.adv_start_epoch is not None:
             return self.adv_start_epoch
-        return get_method_class(self.adv_method).default_start_epoch if self.adv_method != "none" else 0.0
+        return max((cls.default_start_epoch for cls, _ in self.configured_methods()), default=0.0)

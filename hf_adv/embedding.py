@@ -14,12 +14,14 @@ weights all see the weight as it is.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
+
+from .losses import lookup_masks
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -106,7 +108,7 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(sub is inner for sub in outer.modules() if sub is not outer)
 
 
-Delta = torch.Tensor | Sequence[torch.Tensor]
+Delta = torch.Tensor | Sequence[torch.Tensor] | Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class EmbeddingTap:
@@ -202,11 +204,14 @@ class EmbeddingTap:
     def _store_grad(grads: list, position: int, grad: torch.Tensor) -> None:
         grads[position] = grad  # the list of the recording it belongs to, even after a reset
 
-    def _delta_for(self, output: torch.Tensor) -> torch.Tensor | None:
+    def _delta_for(self, output: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         delta = self.delta
         if delta is None:
             return None
-        if not isinstance(delta, torch.Tensor):
+        if callable(delta) and not isinstance(delta, torch.Tensor):
+            # Built for this call from its position, indices and output (FreeLB's start, carried row offsets).
+            delta = delta(self._calls, ids, output)
+        elif not isinstance(delta, torch.Tensor):
             delta = delta[self._calls % len(delta)]
         self._calls += 1
         if delta.shape != output.shape:
@@ -220,7 +225,7 @@ class EmbeddingTap:
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not self.active or not args or not isinstance(args[0], torch.Tensor) or args[0].is_floating_point():
             return None
-        delta = self._delta_for(output)
+        delta = self._delta_for(output, args[0])
         self.shapes.append(output.shape)
         if torch.is_grad_enabled():
             if not output.requires_grad:
@@ -305,6 +310,31 @@ class EmbeddingTap:
             )
         return self.rows_gradient(self.output_grads)
 
+    def captured_output_gradients(self) -> list[torch.Tensor]:
+        """The gradient at each recorded lookup output (float32), with the checks of `captured_gradient`."""
+        self.captured_gradient_check()
+        return [g.float() for g in self.output_grads]
+
+    def captured_gradient_check(self) -> None:
+        missing = sum(g is None for g in self.output_grads)
+        if not self.outputs or missing:
+            self.captured_gradient()  # raises the matching error
+
+    def padding_masks(self, inputs=None) -> list[torch.Tensor | None]:
+        """For each recorded lookup, its rows x sequence mask of real tokens: the batch's attention mask when
+        `inputs` has one of the lookup's shape, else the positions that are not the module's `padding_idx`, else
+        None (every position real)."""
+        found = (
+            lookup_masks(inputs, [o.shape for o in self.outputs]) if inputs is not None else [None] * len(self.outputs)
+        )
+        masks = []
+        for mask, ids, module in zip(found, self.indices, self.lookups):
+            padding_idx = getattr(module, "padding_idx", None)
+            if mask is None and padding_idx is not None and ids.dim() == 2:
+                mask = ids != padding_idx
+            masks.append(mask)
+        return masks
+
     def gradient_of(
         self, loss: torch.Tensor, touched: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,3 +360,40 @@ class EmbeddingTap:
     def output_shapes(self) -> list[torch.Size]:
         """Shapes of the lookup outputs since the last reset, in call order."""
         return list(self.shapes)
+
+
+# -- per-example geometry of embedding outputs (example scope, VAT, FreeLB, the robustness attacks) ------------------
+def normalize_per_example(d: torch.Tensor) -> torch.Tensor:
+    """Scale each example (first dimension) of `d` to unit L2 norm over all its other dimensions (0 stays 0)."""
+    norms = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return d / norms.view(-1, *([1] * (d.dim() - 1)))
+
+
+def example_norms(ds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """For each lookup's output perturbation (rows x ...), the L2 norm of each row's example: taken over all the
+    lookups of a forward together when they have the same number of rows (a siamese model's two texts, an
+    encoder-decoder's two sides), else over each lookup alone."""
+    if len(ds) == 1 or len({d.shape[0] for d in ds}) != 1:
+        return [d.flatten(1).norm(dim=1) for d in ds]
+    joint = torch.stack([d.flatten(1).norm(dim=1) for d in ds]).norm(dim=0)
+    return [joint] * len(ds)
+
+
+def _per_row(scale: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return scale.view(-1, *([1] * (d.dim() - 1)))
+
+
+def normalize_lookups(ds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Scale each example to unit L2 norm (over its lookups together, see `example_norms`); a zero example stays
+    zero."""
+    return [d / _per_row(n.clamp_min(1e-12), d) for d, n in zip(ds, example_norms(ds))]
+
+
+def project_lookups(ds: Sequence[torch.Tensor], epsilon: float) -> list[torch.Tensor]:
+    """Project each example onto the L2 ball of radius `epsilon` (over its lookups together)."""
+    return [d * _per_row((epsilon / n.clamp_min(1e-12)).clamp(max=1.0), d) for d, n in zip(ds, example_norms(ds))]
+
+
+def mask_lookups(ds: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Zero each lookup's padding positions (`masks`: rows x sequence, 1 for a real token, or None)."""
+    return [d if m is None else d * m.unsqueeze(-1).to(d.dtype) for d, m in zip(ds, masks)]

@@ -102,34 +102,41 @@ def resolve_divergence(setting: str, config, labels: torch.Tensor | None, logits
     return "mse"
 
 
-def softmax_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(clean) || softmax(logits)) over the last dimension, one value per prediction."""
-    clean_log_p = F.log_softmax(clean_logits.detach().float(), dim=-1)
+def softmax_kl(clean_logits: torch.Tensor, logits: torch.Tensor, *, detach: bool = True) -> torch.Tensor:
+    """KL(softmax(clean) || softmax(logits)) over the last dimension, one value per prediction. `detach=False`
+    also differentiates through `clean_logits` (R-Drop)."""
+    clean = clean_logits.detach() if detach else clean_logits
+    clean_log_p = F.log_softmax(clean.float(), dim=-1)
     log_q = F.log_softmax(logits.float(), dim=-1)
     return (clean_log_p.exp() * (clean_log_p - log_q)).sum(-1)
 
 
-def bernoulli_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def bernoulli_kl(clean_logits: torch.Tensor, logits: torch.Tensor, *, detach: bool = True) -> torch.Tensor:
     """Per-label Bernoulli KL(sigmoid(clean) || sigmoid(logits)), summed over the last dimension."""
-    clean = clean_logits.detach().float()
+    clean = (clean_logits.detach() if detach else clean_logits).float()
     logits = logits.float()
     p = torch.sigmoid(clean)
     kl = p * (F.logsigmoid(clean) - F.logsigmoid(logits)) + (1 - p) * (F.logsigmoid(-clean) - F.logsigmoid(-logits))
     return kl.sum(-1)
 
 
-def squared_error(clean_outputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+def squared_error(clean_outputs: torch.Tensor, outputs: torch.Tensor, *, detach: bool = True) -> torch.Tensor:
     """Squared error between clean and perturbed predictions, summed over the last dimension."""
-    return (outputs.float() - clean_outputs.detach().float()).square().sum(-1)
+    clean = clean_outputs.detach() if detach else clean_outputs
+    return (outputs.float() - clean.float()).square().sum(-1)
 
 
 _PER_PREDICTION = {"kl": softmax_kl, "bernoulli": bernoulli_kl, "mse": squared_error}
 
 
 def divergence(
-    name: str, positions: torch.Tensor | None = None
+    name: str, positions: torch.Tensor | None = None, *, symmetric: bool = False
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """D(clean, perturbed) averaged over examples, or over the real positions of per-token predictions.
+
+    By default the clean predictions are a fixed target (VAT: no gradient flows into them). `symmetric=True` gives
+    (D(a, b) + D(b, a)) / 2 differentiated through both (R-Drop's two dropout passes); for `mse`, the squared error
+    differentiated through both.
 
     Args:
         name (`str`): `kl`, `bernoulli` or `mse`.
@@ -146,7 +153,14 @@ def divergence(
             return sum(distance(c, p) for c, p in zip(clean_logits, logits))
         if clean_logits.dim() == 1 and name == "mse":  # a squeezed single-target regressor: batch
             clean_logits, logits = clean_logits.unsqueeze(-1), logits.unsqueeze(-1)
-        values = per_prediction(clean_logits, logits)
+        if not symmetric:
+            values = per_prediction(clean_logits, logits)
+        elif name == "mse":
+            values = per_prediction(clean_logits, logits, detach=False)
+        else:
+            values = 0.5 * (
+                per_prediction(clean_logits, logits, detach=False) + per_prediction(logits, clean_logits, detach=False)
+            )
         if positions is not None and values.dim() == 2 and values.shape == positions.shape:
             mask = positions.to(values.dtype)
             return (values * mask).sum() / mask.sum().clamp_min(1.0)

@@ -31,23 +31,13 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from .arguments import AdversarialTrainingArguments
-from .embedding import EmbeddingTap, unwrap_model
-from .losses import (
-    detach,
-    divergence,
-    find_logits,
-    lookup_masks,
-    prediction_positions,
-    resolve_divergence,
-    unlabelled_rows,
-)
-from .methods import VAT, AdversarialMethod, get_method_class
+from .embedding import EmbeddingTap, find_input_embedding, lookup_modules, unwrap_model
+from .losses import unlabelled_rows
+from .methods import AdversarialMethod, Regularizer
+from .step import TrainingStep, select_rows
 
 logger = logging.get_logger(__name__)
 
-# Logged with the training loss: means over the micro-batches since the last log, except the `_skipped` counts.
-METRICS = ("clean_loss", "adv_loss", "adv_perturbation_norm", "adv_skipped", "vat_loss", "vat_skipped")
-SUMMED_METRICS = ("adv_skipped", "vat_skipped")
 
 # `gradient_checkpointing_enable()` without kwargs: reentrant checkpointing before transformers 5, not since.
 _TRANSFORMERS_VERSION = version.parse(transformers.__version__).release
@@ -150,14 +140,6 @@ def _guard_compiled_code_on_hooks() -> None:
         logger.info("torch.compile now checks module hooks before reusing compiled code (for the embedding hooks).")
 
 
-def _select_rows(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
-    """The batch restricted to the rows `index` (every tensor whose first dimension is the batch)."""
-    return {
-        k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v
-        for k, v in inputs.items()
-    }
-
-
 class AdversarialMixin:
     """The adversarial training step, for any `transformers.Trainer` subclass: put it first among the bases,
     `class MyTrainer(AdversarialMixin, SFTTrainer)`, and pass `args` of a class that has the
@@ -205,10 +187,9 @@ class AdversarialMixin:
             self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
         self._check_supported()
         self.adversary: AdversarialMethod | None = None
-        self.vat: VAT | None = None
+        self.regularizers: list[Regularizer] = []
         self.tap: EmbeddingTap | None = None
         self._outputs: _OutputCapture | None = None
-        self._vat_divergence: str | None = None
         self._methods_model: nn.Module | None = None
         self._build_methods(self.model)
         self._adv_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -216,7 +197,7 @@ class AdversarialMixin:
         if self.args.adversarial and self.args.max_steps <= 0 and start >= self.args.num_train_epochs:
             logger.warning(
                 f"adv_start_epoch={start} is not before num_train_epochs={self.args.num_train_epochs}: the "
-                f"{self.args.adv_method} attack and VAT will never run. Lower adv_start_epoch or train longer."
+                f"{self.args.describe_methods()} will never run. Lower adv_start_epoch or train longer."
             )
 
     # -- set-up ------------------------------------------------------------------------------------------------------
@@ -224,7 +205,7 @@ class AdversarialMixin:
         args = self.args
         if not args.adversarial:
             return
-        described = f"adv_method={args.adv_method!r} with vat_weight={args.vat_weight}"
+        described = args.describe_methods()
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             engine = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
             raise ValueError(
@@ -243,12 +224,9 @@ class AdversarialMixin:
                 "one process per GPU with `accelerate launch` or `torchrun` instead."
             )
         needs_input_grad = [
-            name
-            for name, used in (
-                (f"adv_method='pgd' with adv_steps={args.adv_steps}", args.adv_method == "pgd" and args.adv_steps > 1),
-                (f"vat_weight={args.vat_weight}", args.vat_weight > 0),
-            )
-            if used
+            described
+            for cls, described in args.configured_methods()
+            if getattr(cls, "needs_input_gradient", lambda a: False)(args)
         ]
         if needs_input_grad and _uses_reentrant_checkpointing(args, self.model):
             raise ValueError(
@@ -258,22 +236,25 @@ class AdversarialMixin:
             )
 
     def _build_methods(self, model: nn.Module) -> None:
+        """The configured perturbation (`adv_method`) and regularizers (each registered regularizer whose weight
+        flag is > 0), sharing one set of embedding hooks, installed inactive."""
         args = self.args
         for old in (self.tap, self._outputs):
             if old is not None:
                 old.uninstall() if isinstance(old, EmbeddingTap) else old.remove()
-        self.adversary, self.vat, self.tap, self._outputs = None, None, None, None
-        common = {
-            "embedding_name": args.adv_embedding_name,
-            "attach": False,
-            "embedding_argument": "adv_embedding_name",
-        }
-        if args.adv_method != "none":
-            self.adversary = get_method_class(args.adv_method).from_args(model, args, **common)
-            self.tap = self.adversary.tap
-        if args.vat_weight > 0:
-            self.vat = VAT.from_args(model, args, tap=self.tap, **common)
-            self.tap = self.vat.tap
+        self.adversary, self.regularizers, self.tap, self._outputs = None, [], None, None
+        classes = [cls for cls, _ in args.configured_methods()]
+        if any(cls.uses_embedding for cls in classes):
+            module, weight = find_input_embedding(model, args.adv_embedding_name, argument="adv_embedding_name")
+            self.tap = EmbeddingTap(module, weight, lookup_modules(model, module, weight))
+        common = {"tap": self.tap, "attach": False, "embedding_argument": "adv_embedding_name"}
+        for cls in classes:
+            method = cls.from_args(model, args, **common)
+            if cls.kind == "perturbation":
+                self.adversary = method
+            else:
+                self.regularizers.append(method)
+        if self.regularizers or (self.adversary is not None and not self.adversary.trains_clean_pass):
             self._outputs = _OutputCapture(extract_model_from_parallel(model, keep_fp32_wrapper=True))
         if self.tap is not None:
             # Installed now, inactive until the training step: a compiled model must have its hooks before its first
@@ -281,6 +262,17 @@ class AdversarialMixin:
             self.tap.install()
             _guard_compiled_code_on_hooks()
         self._methods_model = unwrap_model(model)
+        self._metric_names = ["clean_loss"]
+        self._summed_metrics: set[str] = set()
+        for method in [self.adversary, *self.regularizers]:
+            if method is not None:
+                self._metric_names += [m for m in method.metrics if m not in self._metric_names]
+                self._summed_metrics.update(method.summed_metrics)
+
+    @property
+    def vat(self):
+        """The VAT regularizer, when `vat_weight > 0`."""
+        return next((r for r in self.regularizers if r.name == "vat"), None)
 
     def _attack_active(self) -> bool:
         epoch = self.state.epoch or 0.0
@@ -312,6 +304,40 @@ class AdversarialMixin:
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        step = self._training_step_context(model, inputs, num_items_in_batch)
+        adversary = self.adversary if step.labelled is not None else None
+        components = [c for c in (adversary, *self.regularizers) if c is not None]
+        tap_context = self.tap.attached() if self.tap is not None else contextlib.nullcontext()
+        method_context = adversary.capture() if adversary is not None else contextlib.nullcontext()
+        with self.accelerator.no_sync(model), tap_context, method_context:
+            # 1. The clean pass (held, to be back-propagated with the next term unless a method needs its gradient).
+            if step.labelled is not None and (adversary is None or adversary.trains_clean_pass):
+                self._clean_pass(step)
+            # 2. The perturbation's passes.
+            if adversary is not None:
+                if adversary.needs_clean_gradient:
+                    step.flush()
+                with step.component(final=components[-1] is adversary):
+                    adversary.train_step(step)
+            # 3. The regularizers' terms.
+            for regularizer in self.regularizers:
+                with step.component(final=components[-1] is regularizer):
+                    term = regularizer.term(step)
+                    if term is not None:
+                        step.backward(term)
+            step.flush()
+            if step.wants_sync and not step.synced:
+                # Every attack of this step was skipped: one cheap zero backward still runs the all-reduce that
+                # the other ranks are waiting for.
+                params = [p for p in model.parameters() if p.requires_grad]
+                with step.component(final=True):
+                    step.backward(sum(p.reshape(-1)[0] * 0.0 for p in params))
+        # 4. The log: losses are recorded on the micro-batch-mean scale.
+        if step.training_loss is None:  # no labelled row in this micro-batch
+            return torch.zeros((), device=self.args.device)
+        return (step.training_loss / step.accumulation).detach()
+
+    def _training_step_context(self, model: nn.Module, inputs: dict, num_items_in_batch) -> TrainingStep:
         accumulation = self.current_gradient_accumulation_steps
         loss_divisor = 1 if self._loss_is_scaled_for_ga(num_items_in_batch) else accumulation
         # The Trainer wants this micro-batch's backward to all-reduce (the last of an accumulation window under DDP).
@@ -320,63 +346,43 @@ class AdversarialMixin:
         # the losses of the inner `autograd.grad` calls by it keeps fp16 gradients from underflowing as in backward.
         scaler = getattr(self.accelerator, "scaler", None)
         grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        synced = False
 
-        def backward(loss: torch.Tensor, last: bool) -> None:
-            nonlocal synced
-            if last and wants_sync:
+        def backward(loss: torch.Tensor, sync: bool, retain_graph: bool) -> None:
+            kwargs = {"retain_graph": True} if retain_graph else {}
+            if sync and wants_sync:
                 with _sync_in_backward(model, loss):
-                    self.accelerator.backward(loss)
-                synced = True
+                    self.accelerator.backward(loss, **kwargs)
             else:
-                self.accelerator.backward(loss)
+                self.accelerator.backward(loss, **kwargs)
 
-        def supervised_loss(batch: dict) -> torch.Tensor:
-            with self.compute_loss_context_manager():
-                return self.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+        step = TrainingStep(
+            self,
+            model,
+            inputs,
+            self._labelled_rows(inputs),
+            num_items_in_batch=num_items_in_batch,
+            accumulation=accumulation,
+            loss_divisor=loss_divisor,
+            grad_scale=grad_scale,
+            tap=self.tap,
+            outputs_capture=self._outputs,
+            backward=backward,
+            record=self._record,
+            optimizer=self.optimizer,
+        )
+        step.wants_sync = wants_sync
+        return step
 
-        labelled = self._labelled_rows(inputs)
-        adversary = self.adversary if labelled else None
-        method_context = adversary.capture() if adversary is not None else contextlib.nullcontext()
-        tap_context = self.tap.attached() if self.tap is not None else contextlib.nullcontext()
-        loss = None
-        with self.accelerator.no_sync(model), tap_context, method_context:
-            # 1. The clean pass.
-            clean_outputs, shapes = None, None
-            if labelled:
-                capture = self._outputs.capturing() if self._outputs is not None else contextlib.nullcontext()
-                with capture:
-                    loss = supervised_loss(labelled)
-                if self._outputs is not None and labelled is inputs:
-                    clean_outputs, shapes = self._outputs.outputs, self.tap.output_shapes()
-                backward(loss / loss_divisor, last=False)
-                self._record("clean_loss", loss * (accumulation / loss_divisor))
-
-            # 2. The perturbation passes.
-            if adversary is not None:
-                with adversary.perturbed(lambda: supervised_loss(labelled) * grad_scale) as attack:
-                    self._record("adv_skipped", torch.tensor(float(attack.skipped)))
-                    if not attack.skipped:
-                        adv_loss = supervised_loss(labelled)
-                        backward(adv_loss / loss_divisor, last=self.vat is None)
-                        self._record("adv_loss", adv_loss * (accumulation / loss_divisor))
-                        self._record("adv_perturbation_norm", attack.norm)
-
-            # 3. The regularizer term.
-            if self.vat is not None:
-                vat_loss = self._vat_loss(model, inputs, clean_outputs, shapes, grad_scale)
-                if vat_loss is not None:
-                    backward(self.args.vat_weight * vat_loss / accumulation, last=True)
-
-            if wants_sync and not synced:
-                # Every attack of this step was skipped: one cheap zero backward still runs the all-reduce that
-                # the other ranks are waiting for.
-                params = [p for p in model.parameters() if p.requires_grad]
-                backward(sum(p.reshape(-1)[0] * 0.0 for p in params), last=True)
-
-        if loss is None:  # no labelled row in this micro-batch
-            return torch.zeros((), device=self.args.device)
-        return (loss / loss_divisor).detach()
+    def _clean_pass(self, step: TrainingStep) -> None:
+        if self._outputs is not None:
+            loss, step.clean_outputs = step.loss_and_outputs()
+        else:
+            loss = step.loss()
+        if self.tap is not None:
+            step.clean_shapes = self.tap.output_shapes()
+        step.training_loss = loss.detach()
+        step.hold(loss, retain_graph=any(r.needs_clean_graph for r in self.regularizers))
+        self._record("clean_loss", loss)
 
     if _TRANSFORMERS_VERSION < (4, 47):
 
@@ -415,46 +421,7 @@ class AdversarialMixin:
             return inputs
         if bool(missing.all()):
             return None
-        return _select_rows(inputs, (~missing).nonzero().squeeze(1), labels.shape[0])
-
-    def _model_outputs(self, model: nn.Module, inputs: dict, num_items_in_batch=None):
-        """What the model returns when the user's loss code runs on (a copy of) `inputs`: VAT's forwards go through
-        `compute_loss` like every other pass, so an override that changes the inputs is honoured; its loss is
-        not used."""
-        with self._outputs.capturing() as capture, self.compute_loss_context_manager():
-            self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-        if capture.outputs is None:
-            raise ValueError(
-                "VAT needs the model's predictions, but `compute_loss` did not call the model given to the trainer "
-                f"({type(unwrap_model(model)).__name__})."
-            )
-        return capture.outputs
-
-    def _vat_loss(self, model, inputs: dict, clean_outputs, shapes, grad_scale: float) -> torch.Tensor | None:
-        def forward():
-            return find_logits(self._model_outputs(model, inputs))
-
-        if clean_outputs is None:
-            # Unlabelled rows (or a compute_loss that never called the model): clean predictions of the whole batch.
-            self.tap.reset()
-            with torch.no_grad():
-                clean_outputs = self._model_outputs(model, inputs)
-            shapes = self.tap.output_shapes()
-            self.tap.reset()
-        clean_logits = detach(find_logits(clean_outputs))
-        if self._vat_divergence is None:
-            config = getattr(unwrap_model(model), "config", None)
-            labels = inputs.get("labels")
-            self._vat_divergence = resolve_divergence(self.args.vat_divergence, config, labels, clean_logits)
-        distance = divergence(self._vat_divergence, prediction_positions(inputs, clean_logits))
-        masks = lookup_masks(inputs, shapes)
-        r_adv = self.vat.adversarial_direction(forward, clean_logits, shapes, distance, grad_scale, masks)
-        self._record("vat_skipped", torch.tensor(float(r_adv is None)))
-        if r_adv is None:
-            return None
-        vat_loss = self.vat.loss(forward, clean_logits, r_adv, distance)
-        self._record("vat_loss", vat_loss)
-        return vat_loss
+        return select_rows(inputs, (~missing).nonzero().squeeze(1), labels.shape[0])
 
     # -- logging -----------------------------------------------------------------------------------------------------
     # -- evaluation -----------------------------------------------------------------------------------------------
@@ -483,18 +450,22 @@ class AdversarialMixin:
             output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in attacked.items()})
         return output
 
-    def _record(self, name: str, value: torch.Tensor | None) -> None:
-        if value is not None:
-            self._adv_metrics[name].append(value.detach().float().reshape(()))
+    def _record(self, name: str, value: torch.Tensor | float | None) -> None:
+        if value is None:
+            return
+        if not isinstance(value, torch.Tensor):
+            value = torch.tensor(float(value))
+        self._adv_metrics[name].append(value.detach().float().reshape(()))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Merge the adversarial metrics into the training logs, reduced over processes, then log as the parent."""
         if "loss" in logs and self.args.adversarial:
             # Every rank reduces the same fixed-size tensors, whatever it recorded, so no rank waits on another.
             device = self.args.device
-            sums = torch.zeros(len(METRICS), device=device)
-            counts = torch.zeros(len(METRICS), device=device)
-            for i, name in enumerate(METRICS):
+            names = self._metric_names
+            sums = torch.zeros(len(names), device=device)
+            counts = torch.zeros(len(names), device=device)
+            for i, name in enumerate(names):
                 recorded = self._adv_metrics.get(name)
                 if recorded:
                     sums[i] = torch.stack(recorded).to(device).sum()
@@ -502,10 +473,10 @@ class AdversarialMixin:
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
                 counts = self.accelerator.reduce(counts, reduction="sum")
-                # `adv_skipped` and `vat_skipped` are totals over all processes; the others are means.
-            for i, name in enumerate(METRICS):
+                # The `_skipped` counts are totals over all processes; the others are means.
+            for i, name in enumerate(names):
                 if counts[i] > 0:
-                    value = sums[i] if name in SUMMED_METRICS else sums[i] / counts[i]
+                    value = sums[i] if name in self._summed_metrics else sums[i] / counts[i]
                     logs[name] = round(float(value), 6)
             self._adv_metrics.clear()
         super().log(logs, *args, **kwargs)

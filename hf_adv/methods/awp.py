@@ -133,7 +133,7 @@ class AWP(AdversarialMethod):
             self._restore_stash()
 
     @contextlib.contextmanager
-    def perturbed(self, closure: Callable[[], torch.Tensor] | None = None) -> Iterator[AttackResult]:
+    def perturbed(self, closure: Callable[[], torch.Tensor] | None = None, *, inputs=None) -> Iterator[AttackResult]:
         backups: list[tuple[nn.Parameter, torch.Tensor]] = []
         try:
             squared = None

@@ -13,7 +13,8 @@ from .fgm import FGM
 class FGSM(FGM):
     """Fast gradient sign method: r = epsilon * sign(g) for the embedding rows the batch looks up.
 
-    Everything else (added to the embedding output of each lookup of the row, no weight written, skipped steps,
+    In example scope the sign is taken of each position's gradient (padding stays 0). Everything else (added to the
+    embedding output of each lookup of the row, no weight written, skipped steps,
     fp16) is as in `FGM`; sign(g) is invariant to the GradScaler's loss scale.
 
     Args:
@@ -26,3 +27,6 @@ class FGSM(FGM):
 
     def step(self, grad: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         return self.epsilon * grad.sign()
+
+    def example_step(self, direction: torch.Tensor) -> torch.Tensor:
+        return self.epsilon * direction.sign()

@@ -9,27 +9,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..embedding import EmbeddingTap, find_input_embedding, lookup_modules
-from ..losses import DIVERGENCE_CHOICES
+from ..embedding import mask_lookups, normalize_lookups, normalize_per_example
+from ..losses import DIVERGENCE_CHOICES, detach, find_logits, lookup_masks
+from .base import Regularizer, register_method
+
+__all__ = ["VAT", "normalize_lookups", "normalize_per_example"]
 
 
-def normalize_per_example(d: torch.Tensor) -> torch.Tensor:
-    """Scale each example (first dimension) of `d` to unit L2 norm over all its other dimensions."""
-    norms = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return d / norms.view(-1, *([1] * (d.dim() - 1)))
-
-
-def normalize_lookups(ds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """`normalize_per_example` over the embedding outputs of one forward: when every lookup has the same number of
-    rows (a siamese model's two texts, an encoder-decoder's two sides), example b's norm is taken over all its
-    lookups together; otherwise each lookup is normalized on its own."""
-    if len(ds) == 1 or len({d.shape[0] for d in ds}) != 1:
-        return [normalize_per_example(d) for d in ds]
-    norms = torch.stack([d.flatten(1).norm(dim=1) for d in ds]).norm(dim=0).clamp_min(1e-12)
-    return [d / norms.view(-1, *([1] * (d.dim() - 1))) for d in ds]
-
-
-class VAT:
+@register_method
+class VAT(Regularizer):
     """Local distributional smoothness, LDS = D(p(x) || p(x + r_adv)), on the output of the input embedding.
 
     r_adv comes from power iteration: a random direction d (shaped like the embedding outputs of the batch), scaled
@@ -39,6 +27,11 @@ class VAT:
     classification and language models), the sum of per-label Bernoulli KLs (`bernoulli`, multi-label), or the
     squared error between predictions (`mse`, regression); per-token predictions are averaged over real tokens only.
     LDS needs no labels, so unlabelled examples contribute to it.
+
+    In the trainer (`vat_weight > 0`) the term is `vat_weight * LDS`; the clean predictions are those of the clean
+    pass, and when no perturbation needs the clean gradient first, the clean loss and the LDS are back-propagated in
+    one backward (the power iteration's probe gradient is taken with `torch.autograd.grad`, computing no parameter
+    gradient).
 
     Args:
         model (`nn.Module`): the model.
@@ -53,6 +46,11 @@ class VAT:
         `ValueError`: for a non-positive `epsilon` or `xi`, `iterations < 1`, or an unknown `divergence`.
     """
 
+    name = "vat"
+    weight_field = "vat_weight"
+    metrics = ("vat_loss", "vat_skipped")
+    summed_metrics = ("vat_skipped",)
+
     def __init__(
         self,
         model: nn.Module,
@@ -61,10 +59,8 @@ class VAT:
         iterations: int = 1,
         *,
         divergence: str = "auto",
-        embedding_name: str | None = None,
-        attach: bool = True,
-        tap: EmbeddingTap | None = None,
-        embedding_argument: str = "embedding_name",
+        weight: float = 1.0,
+        **kwargs,
     ):
         if not epsilon > 0:
             raise ValueError(f"vat epsilon must be > 0, got {epsilon}.")
@@ -74,32 +70,25 @@ class VAT:
             raise ValueError(f"vat iterations must be an integer >= 1, got {iterations!r}.")
         if divergence not in DIVERGENCE_CHOICES:
             raise ValueError(f"vat_divergence={divergence!r} is not one of {list(DIVERGENCE_CHOICES)}.")
+        super().__init__(model, weight=weight, **kwargs)
         self.epsilon, self.xi, self.iterations, self.divergence = epsilon, xi, iterations, divergence
-        if tap is None:
-            module, weight = find_input_embedding(model, embedding_name, argument=embedding_argument)
-            tap = EmbeddingTap(module, weight, lookup_modules(model, module, weight))
-            if attach:
-                tap.attach()
-        self.tap = tap
 
     @classmethod
-    def from_args(cls, model: nn.Module, args, **kwargs) -> VAT:
-        """VAT configured by `AdversarialTrainingArguments` (`vat_*` flags)."""
-        return cls(
-            model,
-            epsilon=args.vat_epsilon,
-            xi=args.vat_xi,
-            iterations=args.vat_iterations,
-            divergence=args.vat_divergence,
-            **kwargs,
-        )
+    def args_kwargs(cls, args) -> dict:
+        return {
+            "epsilon": args.vat_epsilon,
+            "xi": args.vat_xi,
+            "iterations": args.vat_iterations,
+            "divergence": args.vat_divergence,
+        }
 
-    @staticmethod
-    def describe(args) -> str:
+    @classmethod
+    def needs_input_gradient(cls, args) -> bool:
+        return True
+
+    @classmethod
+    def describe(cls, args) -> str:
         return f"vat (weight {args.vat_weight}, epsilon {args.vat_epsilon})"
-
-    def remove(self) -> None:
-        self.tap.detach()
 
     def sample_noise(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """The random start of power iteration (seeded by the global torch RNG)."""
@@ -130,7 +119,7 @@ class VAT:
         like = clean_logits[0] if isinstance(clean_logits, tuple) else clean_logits
         ds = [self.sample_noise(tuple(shape), like) for shape in shapes]
         if masks is not None:
-            ds = [d if m is None else d * m.unsqueeze(-1).to(d) for d, m in zip(ds, masks)]
+            ds = mask_lookups(ds, masks)
         for _ in range(self.iterations):
             ds = [(self.xi * d).requires_grad_(True) for d in normalize_lookups(ds)]
             with torch.enable_grad(), self.tap.shifted(ds):
@@ -155,3 +144,31 @@ class VAT:
             logits = forward()
         self.tap.reset()
         return distance(clean_logits, logits)
+
+    def term(self, step) -> torch.Tensor | None:
+        """`weight * LDS` over the whole micro-batch (unlabelled rows included), or None when power iteration gave
+        no direction (logged as `vat_skipped`)."""
+        inputs = step.inputs
+        clean_outputs, shapes = step.clean_outputs, step.clean_shapes
+        if clean_outputs is None or step.labelled is not inputs:
+            # Unlabelled rows (or no clean pass): clean predictions of the whole batch, without a graph.
+            self.tap.reset()
+            with torch.no_grad():
+                clean_outputs = step.outputs(inputs)
+            shapes = self.tap.output_shapes()
+            self.tap.reset()
+        clean_logits = detach(find_logits(clean_outputs))
+        distance = step.divergence(self.divergence, clean_logits, inputs)
+
+        def forward():
+            return step.logits(inputs)
+
+        r_adv = self.adversarial_direction(
+            forward, clean_logits, shapes, distance, step.grad_scale, lookup_masks(inputs, shapes)
+        )
+        step.record("vat_skipped", float(r_adv is None))
+        if r_adv is None:
+            return None
+        lds = self.loss(forward, clean_logits, r_adv, distance)
+        step.record("vat_loss", lds)
+        return self.weight * lds
