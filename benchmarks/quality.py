@@ -45,11 +45,13 @@ import yaml
 
 from .common import DOCS, MINILM, ROOT, command_line, machine_info, resolve_model_path, write_json
 
-QUALITY_METHODS = ("none", "fgm", "pgd", "awp", "vat")
 TASKS = ("imdb", "goemotions")
 CONFIGS = ROOT / "recipes" / "configs"
+# A method of the grid is a config, `recipes/configs/imdb_<method>.yaml` (`fgm_example` is FGM in example scope).
+QUALITY_METHODS = tuple(sorted(p.stem.removeprefix("imdb_") for p in CONFIGS.glob("imdb_*.yaml")))
+DEFAULT_METHODS = ("none", "fgm", "pgd", "awp", "vat")
 DATA = ROOT.parent / "shared" / "data"
-METHOD_KEY_PREFIXES = ("adv_", "awp_", "vat_")
+METHOD_KEY_PREFIXES = ("adv_", "awp_", "vat_", "freelb_", "rdrop_")
 TRAINED = "quality_train.json"  # in a run folder: the command that trained its model, written once it succeeded
 
 
@@ -278,7 +280,11 @@ def parse_list(value: str, valid: tuple[str, ...], flag: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: imdb, goemotions")
-    parser.add_argument("--methods", default=",".join(QUALITY_METHODS), help="comma-separated: none fgm pgd awp vat")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated config names (recipes/configs/imdb_<name>.yaml): {', '.join(QUALITY_METHODS)}",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--model", default=MINILM, help="`minilm` (the installed all-MiniLM-L6-v2) or a model path")
     parser.add_argument("--data-dir", type=Path, default=DATA, help="holds imdb/ and goemotions/ as ../shared/data")

@@ -95,7 +95,6 @@ class TrainingStep:
         self._retain_pending = False
         self._final_component = False
         self.synced = False
-        self._divergences: dict[str, str] = {}
 
     # -- the user's loss code ----------------------------------------------------------------------------------------
     def loss(self, batch: dict | None = None) -> torch.Tensor:
@@ -134,17 +133,18 @@ class TrainingStep:
     def logits(self, batch: dict | None = None):
         return find_logits(self.outputs(batch))
 
-    def divergence(self, setting: str, logits, batch: dict | None = None, *, symmetric: bool = False):
-        """The distance between predictions for this model and batch (`hf_adv.losses.divergence`): `setting` (auto,
-        kl, bernoulli, mse) resolved once from the model's config or the labels, masked to real positions."""
+    def divergence(self, name: str, logits, batch: dict | None = None, *, symmetric: bool = False):
+        """The distance `name` (kl, bernoulli, mse) between predictions of `batch` (default: the whole micro-batch),
+        averaged over examples or real positions (`hf_adv.losses.divergence`)."""
         batch = self.inputs if batch is None else batch
-        name = self._divergences.get(setting)
-        if name is None:
-            config = getattr(unwrap_model(self.model), "config", None)
-            clean = logits[0] if isinstance(logits, tuple) else logits
-            name = resolve_divergence(setting, config, batch.get("labels"), clean)
-            self._divergences[setting] = name
         return divergence(name, prediction_positions(batch, logits), symmetric=symmetric)
+
+    def resolve_divergence(self, setting: str, logits, batch: dict | None = None) -> str:
+        """`setting` (auto, kl, bernoulli, mse) resolved from the model's config or, without one, the labels."""
+        batch = self.inputs if batch is None else batch
+        config = getattr(unwrap_model(self.model), "config", None)
+        clean = logits[0] if isinstance(logits, tuple) else logits
+        return resolve_divergence(setting, config, batch.get("labels"), clean)
 
     # -- gradients ---------------------------------------------------------------------------------------------------
     def hold(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:

@@ -29,7 +29,6 @@ import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_adv.methods import VAT, get_method_class
 
 logger = logging.getLogger(__name__)
 
@@ -534,11 +533,7 @@ def print_summary(title: str, lines: list[str]) -> None:
 def describe_method(training_args) -> str:
     """The adversarial set-up in one phrase, for the summary."""
     args = training_args
-    parts = []
-    if args.adv_method != "none":
-        parts.append(get_method_class(args.adv_method).describe(args))
-    if args.vat_weight > 0:
-        parts.append(VAT.describe(args))
+    parts = [described for _, described in args.configured_methods()]
     if not parts:
         return "none (plain fine-tuning)"
     start = args.resolved_start_epoch

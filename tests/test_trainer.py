@@ -382,7 +382,7 @@ def test_vat_on_regression_model_uses_squared_error(tmp_path, deterministic_vat_
     batch["labels"] = batch["labels"].float()
     trainer = make_trainer(tmp_path, model=model, vat_weight=1.0, vat_xi=1e-3)
     trainer.training_step(trainer.model, dict(batch))
-    assert trainer._vat_divergence == "mse"
+    assert trainer.vat.resolved_divergence == "mse"
     vat_loss = trainer._adv_metrics["vat_loss"][0]
     # LDS = mean squared distance between clean and perturbed predictions at the perturbation actually applied.
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -41,6 +41,7 @@ class RDrop(Regularizer):
 
     def __init__(self, model: nn.Module, *, weight: float = 1.0, **kwargs):
         super().__init__(model, weight=weight, **kwargs)
+        self.resolved_divergence: str | None = None  # kl, bernoulli or mse, resolved at the first step
 
     @classmethod
     def describe(cls, args) -> str:
@@ -52,6 +53,8 @@ class RDrop(Regularizer):
             return None
         loss, outputs = step.loss_and_outputs(step.labelled)
         first, second = find_logits(step.clean_outputs), find_logits(outputs)
-        divergence = step.divergence("auto", first, step.labelled, symmetric=True)(first, second)
+        if self.resolved_divergence is None:
+            self.resolved_divergence = step.resolve_divergence("auto", first, step.labelled)
+        divergence = step.divergence(self.resolved_divergence, first, step.labelled, symmetric=True)(first, second)
         step.record("rdrop_loss", divergence)
         return loss + self.weight * divergence

@@ -72,6 +72,7 @@ class VAT(Regularizer):
             raise ValueError(f"vat_divergence={divergence!r} is not one of {list(DIVERGENCE_CHOICES)}.")
         super().__init__(model, weight=weight, **kwargs)
         self.epsilon, self.xi, self.iterations, self.divergence = epsilon, xi, iterations, divergence
+        self.resolved_divergence: str | None = None  # `divergence` resolved for the model at the first step
 
     @classmethod
     def args_kwargs(cls, args) -> dict:
@@ -158,7 +159,9 @@ class VAT(Regularizer):
             shapes = self.tap.output_shapes()
             self.tap.reset()
         clean_logits = detach(find_logits(clean_outputs))
-        distance = step.divergence(self.divergence, clean_logits, inputs)
+        if self.resolved_divergence is None:
+            self.resolved_divergence = step.resolve_divergence(self.divergence, clean_logits, inputs)
+        distance = step.divergence(self.resolved_divergence, clean_logits, inputs)
 
         def forward():
             return step.logits(inputs)
