@@ -7,47 +7,42 @@ import reference
 import torch
 from conftest import assert_close_dicts, grads, make_batch, make_trainer, state, tiny_model
 
-from hf_adv import AWP, FGM, FGSM, PGD
-
-CASES = {
-    "fgm": (dict(adv_method="fgm", adv_epsilon=0.5), lambda m, b: reference.fgm(m, b, 0.5)),
-    "fgsm": (dict(adv_method="fgsm", adv_epsilon=0.02), lambda m, b: reference.fgm(m, b, 0.02, sign=True)),
-    "pgd": (
-        dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=3),
-        lambda m, b: reference.pgd(m, b, 0.5, 0.3, 3),
-    ),
-    "pgd-1": (
-        dict(adv_method="pgd", adv_epsilon=0.5, adv_alpha=0.3, adv_steps=1),
-        lambda m, b: reference.pgd(m, b, 0.5, 0.3, 1),
-    ),
-    "awp": (dict(adv_method="awp", awp_lr=1.0, awp_eps=1e-2), lambda m, b: reference.awp(m, b, 1.0, 1e-2)),
-    "awp-discard": (
-        dict(adv_method="awp", awp_lr=1.0, awp_eps=1e-2, awp_discard_clean_grad=True),
-        lambda m, b: reference.awp(m, b, 1.0, 1e-2, discard_clean_grad=True),
-    ),
-}
+from hf_adv import AWP, FGM, FGSM, PGD, list_methods
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_trainer_step_matches_reference(tmp_path, case):
-    overrides, reference_step = CASES[case]
+@pytest.mark.parametrize("case", list(reference.CASES))
+def test_trainer_step_matches_reference(tmp_path, deterministic_vat_noise, case):
+    """Every case of every registered method (tests/reference.py): the trainer's gradients after `case.steps` steps
+    equal the reference implementation's, the method changed them, and every weight is back bit for bit."""
+    spec = reference.CASES[case]
     batch = make_batch()
-    model = tiny_model()
-    reference_model = tiny_model()
-    reference_step(reference_model, batch)
+    model = tiny_model(**spec.model)
+    reference_model = tiny_model(**spec.model)
+    torch.manual_seed(7)
+    spec.step(reference_model, batch)
     expected = grads(reference_model)
 
-    trainer = make_trainer(tmp_path, model=model, **overrides)
+    trainer = make_trainer(tmp_path, model=model, **spec.flags)
     before = state(model)
-    trainer.training_step(trainer.model, dict(batch))
+    torch.manual_seed(7)
+    for _ in range(spec.steps):
+        model.zero_grad()
+        trainer.training_step(trainer.model, dict(batch))
     assert_close_dicts(grads(model), expected)
-    # The adversarial pass really contributed: the gradient differs from the clean one.
-    clean_model = tiny_model()
+    # The method really contributed: the gradient differs from the clean one.
+    clean_model = tiny_model(**spec.model)
+    torch.manual_seed(7)
     reference.clean(clean_model, batch)
     assert any(not torch.allclose(grads(model)[n], g, atol=1e-6) for n, g in grads(clean_model).items())
     # And every weight is back, bit for bit.
     for name, value in state(model).items():
         assert torch.equal(value, before[name]), name
+
+
+def test_every_registered_method_has_a_reference():
+    """Registering a method without its reference implementation in tests/reference.py fails here."""
+    covered = {case.method for case in reference.CASES.values()}
+    assert set(list_methods(None)) <= covered, set(list_methods(None)) - covered
 
 
 @pytest.mark.parametrize("multi_label", [False, True], ids=["softmax", "bernoulli"])
