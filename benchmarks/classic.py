@@ -11,6 +11,9 @@ benchmarks to measure `hf_adv` against. Not part of the library and not to be us
 - `ClassicVAT`: VAT as in Miyato et al.'s reference code, in its common PyTorch port: clean prediction from a
   no-grad forward, one power iteration whose probe gradient comes from a full `backward()` (parameter gradients
   computed, then zeroed), perturbation added to the embedding output.
+- `OneBackwardVAT`: VAT written the fast way, the bar `hf_adv`'s VAT is held to: clean prediction taken from the
+  clean forward (no extra pass), the probe gradient from `torch.autograd.grad` with respect to the perturbation
+  only (no parameter gradient), and the clean loss and the LDS back-propagated in ONE backward.
 
 `ClassicTrainer` runs each of them inside `transformers.Trainer.training_step` the way users wire them in, so that
 a benchmark compares training steps that differ only in the adversarial part.
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-CLASSIC_METHODS = ("fgm", "pgd", "awp", "vat")
+CLASSIC_METHODS = ("fgm", "pgd", "awp", "vat", "vat_one_backward")
 
 
 class ClassicFGM:
@@ -170,6 +173,36 @@ class ClassicVAT:
             handle.remove()
 
 
+class OneBackwardVAT(ClassicVAT):
+    """Clean loss and LDS of one batch from three forwards and one backward (see the module docstring)."""
+
+    def __call__(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.model.get_input_embeddings()
+        shift: dict[str, torch.Tensor | None] = {"delta": None}
+
+        def add_delta(module, args, output):
+            return output if shift["delta"] is None else output + shift["delta"]
+
+        handle = embedding.register_forward_hook(add_delta)
+        try:
+            outputs = self.model(**inputs)
+            pred = F.softmax(outputs.logits.detach(), dim=1)
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            shape = (*inputs["input_ids"].shape, embedding.weight.shape[-1])
+            d = self._l2_normalize(torch.randn(shape, device=pred.device))
+            for _ in range(self.iterations):
+                d = (self.xi * d).requires_grad_()
+                shift["delta"] = d
+                logp_hat = F.log_softmax(self.model(**features).logits, dim=1)
+                (grad,) = torch.autograd.grad(F.kl_div(logp_hat, pred, reduction="batchmean"), d)
+                d = self._l2_normalize(grad)
+            shift["delta"] = d * self.epsilon
+            logp_hat = F.log_softmax(self.model(**features).logits, dim=1)
+            return outputs.loss, F.kl_div(logp_hat, pred, reduction="batchmean")
+        finally:
+            handle.remove()
+
+
 class RepeatedPassTrainer(Trainer):
     """`Trainer` whose step runs the plain forward and backward `passes` times on the batch, gradients adding up.
 
@@ -195,7 +228,7 @@ class ClassicTrainer(Trainer):
     """`Trainer` whose training step runs one classic snippet, wired in as the snippets' READMEs show.
 
     Args:
-        classic (`str`): `"fgm"`, `"pgd"`, `"awp"` or `"vat"`.
+        classic (`str`): `"fgm"`, `"pgd"`, `"awp"`, `"vat"` or `"vat_one_backward"`.
         epsilon, alpha, steps: FGM / PGD settings (PGD: K = `steps` adversarial forward+backward passes).
         awp_lr, awp_eps: AWP `adv_lr` and `adv_eps`.
         vat_weight, vat_xi, vat_epsilon, vat_iterations: VAT settings.
@@ -227,6 +260,9 @@ class ClassicTrainer(Trainer):
             "pgd": lambda: ClassicPGD(model, epsilon=epsilon, alpha=alpha, steps=steps),
             "awp": lambda: ClassicAWP(model, adv_lr=awp_lr, adv_eps=awp_eps),
             "vat": lambda: ClassicVAT(model, xi=vat_xi, epsilon=vat_epsilon, iterations=vat_iterations),
+            "vat_one_backward": lambda: OneBackwardVAT(
+                model, xi=vat_xi, epsilon=vat_epsilon, iterations=vat_iterations
+            ),
         }[classic]()
 
     def _loss(self, model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -238,6 +274,10 @@ class ClassicTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         backward = self.accelerator.backward
         snippet = self.snippet
+        if self.classic == "vat_one_backward":
+            loss, lds = snippet(inputs)
+            backward(loss + self.vat_weight * lds)
+            return loss.detach()
         if self.classic == "vat":
             # The port computes LDS first (its probe backward ends in zero_grad), then backs up the sum.
             lds = snippet(inputs)

@@ -41,9 +41,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .common import DOCS, MINILM, ROOT, command_line, machine_info, resolve_model_path, write_json
+from .common import (
+    DOCS,
+    MINILM,
+    ROOT,
+    command_line,
+    config_settings,
+    machine_info,
+    resolve_model_path,
+    write_json,
+)
 
 TASKS = ("imdb", "goemotions")
 CONFIGS = ROOT / "recipes" / "configs"
@@ -51,16 +58,14 @@ CONFIGS = ROOT / "recipes" / "configs"
 QUALITY_METHODS = tuple(sorted(p.stem.removeprefix("imdb_") for p in CONFIGS.glob("imdb_*.yaml")))
 DEFAULT_METHODS = ("none", "fgm", "pgd", "awp", "vat")
 DATA = ROOT.parent / "shared" / "data"
-METHOD_KEY_PREFIXES = ("adv_", "awp_", "vat_", "freelb_", "rdrop_")
 TRAINED = "quality_train.json"  # in a run folder: the command that trained its model, written once it succeeded
 
 
 def method_flags(method: str, epochs: float) -> list[str]:
     """The recipe flags that select `method`, read from `recipes/configs/imdb_<method>.yaml`."""
-    config = yaml.safe_load((CONFIGS / f"imdb_{method}.yaml").read_text())
     flags = []
-    for key, value in config.items():
-        if key.startswith(METHOD_KEY_PREFIXES) and key != "adv_start_epoch":
+    for key, value in config_settings(method).items():
+        if key != "adv_start_epoch":
             flags += [f"--{key}", str(value)]
     if method == "awp":
         flags += ["--adv_start_epoch", str(epochs / 2)]

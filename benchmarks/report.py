@@ -25,6 +25,16 @@ LABELS = {
     "classic_pgd": "classic PGD (K=3, gradient backup)",
     "classic_awp": "classic AWP (3 weight copies)",
     "classic_vat": "reference VAT (full probe backward)",
+    "classic_vat_one_backward": "VAT written the fast way (autograd.grad probe, one backward)",
+    "fgm_example": "hf_adv `fgm`, example scope",
+    "fgm_fraction": "hf_adv `fgm`, example scope, on 1/4 of the rows",
+    "pgd_example": "hf_adv `pgd` (K=3), example scope",
+    "carry": "hf_adv `carry` (carried FGM, one pass)",
+    "freelb": "hf_adv `freelb` (K=2)",
+    "freelb_k3": "hf_adv `freelb` (K=3)",
+    "freelb_clean": "hf_adv `freelb` (K=2) + clean loss",
+    "freelb_k3_clean": "hf_adv `freelb` (K=3) + clean loss",
+    "rdrop": "hf_adv R-Drop",
 }
 
 THREADS_NOTE = """\
@@ -95,13 +105,13 @@ def targets_table(data: dict) -> str:
         versus, verdict = "", ["met" if check["met_target"] else "**missed**"]
         if "vs_classic" in check:
             v = check["vs_classic"]
-            versus = f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) vs {LABELS[classic]}"
+            versus = f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) vs {LABELS.get(classic, classic)}"
             verdict.append("below classic" if check["below_classic"] else "**not below classic**")
         floor = check.get("vs_floor")
         floor = f"{floor['median']:.2f} ({floor['min']:.2f}-{floor['max']:.2f})" if floor else ""
-        goal = f"<= {target}x" + (f" and below {LABELS[classic]}" if classic else "")
+        goal = f"<= {target}x" + (f" and below {LABELS.get(classic, classic)}" if classic else "")
         rows.append(
-            f"| {LABELS[method]} | {goal} | {_ratio(r['ratio'])} | {floor} | {versus} | {', '.join(verdict)} |"
+            f"| {LABELS.get(method, method)} | {goal} | {_ratio(r['ratio'])} | {floor} | {versus} | {', '.join(verdict)} |"
         )
     return "\n".join(rows)
 

@@ -39,13 +39,14 @@ from transformers import TrainerCallback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The tests' tiny BERT; this script's folder (tests/) is first on sys.path when it runs.
+import reference  # noqa: E402
 from conftest import VOCAB, tiny_model  # noqa: E402
 
 import hf_adv.methods.awp as awp_module  # noqa: E402
 import hf_adv.methods.fgm as fgm_module  # noqa: E402
 import hf_adv.methods.pgd as pgd_module  # noqa: E402
 import hf_adv.robustness as robustness_module  # noqa: E402
-from hf_adv import AdversarialTrainer, AdversarialTrainingArguments  # noqa: E402
+from hf_adv import AdversarialTrainer, AdversarialTrainingArguments, list_methods  # noqa: E402
 from hf_adv.methods.base import is_usable_norm  # noqa: E402
 from hf_adv.methods.vat import VAT  # noqa: E402
 
@@ -54,14 +55,14 @@ BATCH = 2  # per-device batch size
 STEPS = 3  # optimizer steps, exactly one epoch
 SEQ_LEN = 10
 
-METHODS = {
-    "none": {},
-    "fgm": {"adv_method": "fgm", "adv_epsilon": 0.5},
-    "fgsm": {"adv_method": "fgsm", "adv_epsilon": 0.02},
-    "pgd": {"adv_method": "pgd", "adv_epsilon": 0.5, "adv_alpha": 0.3, "adv_steps": 3},
-    "awp": {"adv_method": "awp", "awp_lr": 1.0, "awp_eps": 1e-2, "adv_start_epoch": 0.0},
-    "fgm+vat": {"adv_method": "fgm", "adv_epsilon": 0.5, "vat_weight": 1.0},
-}
+# Every registered method with its first case in tests/reference.py, and a perturbation with a regularizer. A method
+# that carries its perturbation over between micro-batches (carry) is left out: each rank carries its own, which the
+# single process, one perturbation for all its micro-batches, cannot stand for.
+METHODS = {"none": {}}
+for _name in list_methods(None):
+    if reference.first_case(_name).steps == 1:
+        METHODS[_name] = {**reference.first_case(_name).flags, "adv_start_epoch": 0.0}
+METHODS["fgm+vat"] = {"adv_method": "fgm", "adv_epsilon": 0.5, "vat_weight": 1.0}
 
 # DDP settings: the Trainer's default for a transformers model (`find_unused_parameters=True` unless gradient
 # checkpointing is on) and `ddp_find_unused_parameters=False` (no graph search, buckets rebuilt after step 1).
@@ -83,9 +84,9 @@ def scenarios() -> dict[str, dict]:
     out = {}
     for group in (trainings, SKIPS):  # the skip scenarios last
         for ddp in DDP_CONFIGS:
-            for reference, (method, ga, skip) in group.items():
-                name = f"{reference}/{ddp}"
-                out[name] = {"method": method, "ga": ga, "skip": skip, "ddp": ddp, "reference": reference}
+            for single, (method, ga, skip) in group.items():
+                name = f"{single}/{ddp}"
+                out[name] = {"method": method, "ga": ga, "skip": skip, "ddp": ddp, "reference": single}
     return out
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 from conftest import assert_equal_dicts, state, training_args
@@ -50,7 +51,7 @@ from transformers import (
 )
 
 import hf_adv
-from hf_adv import AdversarialTrainer
+from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
 from hf_adv.methods import get_method_class
 
 VOCAB = 99
@@ -72,32 +73,26 @@ def fast_tiny_models():
     torch.set_num_threads(threads)
 
 
-# -- methods: the registry, plus VAT ----------------------------------------------------------------------------------
+# -- methods: the registry -------------------------------------------------------------------------------------------
 
-# Flags that make each method bite on a tiny model in two steps. A method missing here runs with its defaults.
-METHOD_FLAGS = {
-    "fgm": dict(adv_epsilon=0.5),
-    "fgsm": dict(adv_epsilon=0.02),
-    "pgd": dict(adv_epsilon=0.5, adv_alpha=0.3, adv_steps=2),
-    "awp": dict(awp_lr=1.0, awp_eps=1e-2, adv_start_epoch=0.0),
-}
-METHODS = [name for name in hf_adv.list_methods() if name != "none"] + ["vat"]
+# Every registered method, with the flags of its first case in tests/reference.py (they make it bite on a tiny model
+# in two steps).
+METHODS = hf_adv.list_methods(None)
 
 
 def method_flags(method: str) -> dict:
-    if method == "vat":
-        return dict(vat_weight=1.0)
-    return dict(adv_method=method, **METHOD_FLAGS.get(method, {}))
+    return {**reference.first_case(method).flags, "adv_start_epoch": 0.0}
 
 
 def metric_key(method: str) -> str:
-    return "vat_loss" if method == "vat" else "adv_loss"
+    cls = get_method_class(method)
+    return "adv_loss" if cls.kind == "perturbation" else f"{method}_loss"
 
 
 def perturbs_embeddings(method: str) -> bool:
-    """Whether `method` attacks through the input embedding (VAT does): such an attack has no business writing any
-    weight. AWP perturbs every weight matrix, a tied LM head included, by design."""
-    return method == "vat" or getattr(get_method_class(method), "uses_embedding", True)
+    """Whether `method` leaves every weight alone (it perturbs the embedding output, or adds a term): such a method
+    has no business writing any weight. AWP perturbs every weight matrix, a tied LM head included, by design."""
+    return not get_method_class(method).moves_weights
 
 
 # -- tiny models ------------------------------------------------------------------------------------------------------
@@ -417,7 +412,13 @@ def bf16_bert() -> nn.Module:
 # costs much more here: the torch_compile cases took 44 s with inductor (57 s with an empty inductor cache) against
 # 19 s with aot_eager, on 2 shared CPU cores.
 COMPILE_BACKEND = "aot_eager"
-NO_GRAD_UNDER_REENTRANT = {"pgd": "use_reentrant", "vat": "use_reentrant"}
+NO_GRAD_UNDER_REENTRANT = {
+    method: "use_reentrant"
+    for method in METHODS
+    if get_method_class(method).needs_input_gradient(
+        AdversarialTrainingArguments(output_dir="unused", report_to="none", **method_flags(method))
+    )
+}
 KEEP_LABELS = dict(label_names=["labels"])  # the forward has no `labels` argument: keep the column anyway
 
 CASES: dict[str, Case] = {
@@ -535,11 +536,14 @@ def test_trains_and_applies_the_attack(tmp_path, case, method):
     assert all(key not in log for log in logs if log["step"] <= start), logs
     attacked = [log for log in logs if log["step"] > start]
     assert attacked and all(key in log and math.isfinite(log[key]) for log in attacked), logs
+    cls = get_method_class(method)
     for log in attacked:
-        if method == "vat":
-            assert log[key] > 0 and log.get("vat_skipped", 0) == 0, log
-        else:  # the adversarial loss is another loss than the clean one: something was perturbed
-            assert log[key] != log.get("clean_loss", log["loss"]) and log.get("adv_skipped", 0) == 0, log
+        assert all(log.get(name, 0) == 0 for name in cls.summed_metrics), log  # nothing skipped
+        if cls.kind == "perturbation" and "clean_loss" in log:
+            # The adversarial loss is another loss than the clean one: something was perturbed.
+            assert log[key] != log["clean_loss"], log
+        elif cls.kind == "perturbation":  # a method that runs no clean pass (FreeLB, carried FGM)
+            assert "adv_perturbation_norm" in log, log
     plain = plain_weights(tmp_path, case)
     trained = state(trainer.model)
     assert trained.keys() == plain.keys()
@@ -723,10 +727,12 @@ USER_LOSS_CASES = [
 
 
 @pytest.mark.parametrize("case", USER_LOSS_CASES)
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "vat"])  # VAT needs no labels
+@pytest.mark.parametrize("method", METHODS)
 def test_adversarial_pass_gets_the_labels(tmp_path, case, method):
-    """Every loss of a step (clean, adversarial, PGD's inner steps) goes through the user's loss, with labels."""
-    trainer = build_trainer(tmp_path, case, method, max_steps=1)
+    """Every loss of a step (clean, adversarial, PGD's inner steps, the regularizers' forwards) goes through the
+    user's loss, with labels."""
+    steps = reference.first_case(method).steps  # carried FGM has one pass per step: two steps show the second
+    trainer = build_trainer(tmp_path, case, method, max_steps=steps)
     calls = []
     compute_loss = trainer.compute_loss
 
@@ -737,8 +743,8 @@ def test_adversarial_pass_gets_the_labels(tmp_path, case, method):
     trainer.compute_loss = recording
     trainer.train()
     assert len(calls) >= 2 and all(calls), calls
-    (log,) = train_logs(trainer)
-    assert math.isfinite(log["adv_loss"]) and log["adv_loss"] > 0, log
+    log = train_logs(trainer)[-1]
+    assert math.isfinite(log[metric_key(method)]) and log[metric_key(method)] >= 0, log
 
 
 # -- the model's own loss is unchanged --------------------------------------------------------------------------------

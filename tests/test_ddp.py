@@ -44,6 +44,8 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 import ddp_worker  # noqa: E402  (the scenario table only; the worker's patches are installed in its own processes)
 
+from hf_adv import list_methods  # noqa: E402
+from hf_adv.methods import get_method_class  # noqa: E402
 from hf_adv.robustness import epsilon_key  # noqa: E402
 
 DDP_TIMEOUT = 300  # seconds, for the whole launch; in the worker each collective also times out after 60 s
@@ -57,6 +59,7 @@ METRICS_COMPARED = (
     "adv_perturbation_norm",
     "adv_skipped",
     "vat_skipped",
+    "rdrop_loss",
 )
 TRAININGS = [n for n, s in ddp_worker.SCENARIOS.items() if not s["skip"]]
 ADVERSARIAL = [n for n in TRAININGS if ddp_worker.SCENARIOS[n]["method"] != "none"]
@@ -190,6 +193,14 @@ def _assert_matches_reference(name: str, per_rank: list[dict], reference: dict) 
             assert logged[key] == pytest.approx(expected[key], abs=tolerance, rel=1e-5), (name, step, key)
 
 
+def _configured(method: str) -> list:
+    """The method classes a scenario's flags enable."""
+    flags = ddp_worker.METHODS[method]
+    names = [flags["adv_method"]] if flags.get("adv_method", "none") != "none" else []
+    names += [n for n in list_methods("regularizer") if flags.get(get_method_class(n).weight_field, 0) > 0]
+    return [get_method_class(n) for n in names]
+
+
 @pytest.mark.parametrize("name", TRAININGS)
 def test_ddp_weights_equal_single_process_accumulation(launches, name):
     ddp, single = launches
@@ -200,10 +211,10 @@ def test_ddp_weights_equal_single_process_accumulation(launches, name):
         # The attack ran: the result is not the clean training's, and no attack was skipped.
         none = _ranks(ddp, _none_of(name))[0]
         assert _max_diff(per_rank[0]["weights"], none["weights"]) > 1e-3, f"{name} trained as adv_method='none'"
-        vat = ddp_worker.METHODS[scenario["method"]].get("vat_weight", 0) > 0
         for logged in per_rank[0]["logs"]:
-            assert logged["adv_skipped"] == 0 and "adv_loss" in logged, logged
-            assert not vat or (logged["vat_skipped"] == 0 and "vat_loss" in logged), logged
+            for cls in _configured(scenario["method"]):
+                loss = "adv_loss" if cls.kind == "perturbation" else f"{cls.name}_loss"
+                assert loss in logged and all(logged.get(m, 0) == 0 for m in cls.summed_metrics), (cls.name, logged)
 
 
 @pytest.mark.parametrize("name", ADVERSARIAL + SKIPPED)
@@ -217,7 +228,8 @@ def test_gradients_all_reduced_once_per_optimizer_step(launches, name):
         # Several backward passes per micro-batch ...
         assert clean["backward_calls"] == ddp_worker.STEPS * ga
         if not (rank == 1 and ddp_worker.SCENARIOS[name]["skip"]):
-            assert result["backward_calls"] >= 2 * ddp_worker.STEPS * ga, (name, rank, result["backward_calls"])
+            # (a regularizer alone back-propagates the clean loss with its term: one backward, two graphs)
+            assert result["backward_calls"] >= ddp_worker.STEPS * ga, (name, rank, result["backward_calls"])
         # ... and one all-reduce of the whole gradient per optimizer step, as without an attack.
         assert clean["hook_bucket0_calls_per_step"] == [1] * ddp_worker.STEPS
         assert result["hook_bucket0_calls_per_step"] == [1] * ddp_worker.STEPS, (name, rank)

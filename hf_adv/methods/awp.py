@@ -49,6 +49,7 @@ class AWP(AdversarialMethod):
 
     name = "awp"
     uses_embedding = False
+    moves_weights = True
     # AWP from the first step, on a fresh classifier head, can destroy fine-tuning: train clean for an epoch.
     default_start_epoch = 1.0
 

@@ -60,6 +60,8 @@ class Method:
     kind: str = ""
     # Methods that perturb the embedding output need the embedding hooks; AWP does not.
     uses_embedding: bool = True
+    # Whether the method writes weights during the step (AWP, by design; restored bit for bit after its pass).
+    moves_weights: bool = False
     default_start_epoch: float = 0.0
     metrics: tuple[str, ...] = ()
     summed_metrics: tuple[str, ...] = ()

@@ -45,6 +45,8 @@ class FreeLB(AdversarialMethod):
 
     name = "freelb"
     needs_clean_gradient = False
+    metrics = ("adv_loss", "adv_perturbation_norm")
+    summed_metrics = ()
 
     def __init__(
         self,
