@@ -111,7 +111,8 @@ def targets_table(data: dict) -> str:
         floor = f"{floor['median']:.2f} ({floor['min']:.2f}-{floor['max']:.2f})" if floor else ""
         goal = f"<= {target}x" + (f" and below {LABELS.get(classic, classic)}" if classic else "")
         rows.append(
-            f"| {LABELS.get(method, method)} | {goal} | {_ratio(r['ratio'])} | {floor} | {versus} | {', '.join(verdict)} |"
+            f"| {LABELS.get(method, method)} | {goal} | {_ratio(r['ratio'])} | {floor} | {versus} "
+            f"| {', '.join(verdict)} |"
         )
     return "\n".join(rows)
 
