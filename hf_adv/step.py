@@ -149,7 +149,8 @@ class TrainingStep:
     # -- gradients ---------------------------------------------------------------------------------------------------
     def hold(self, loss: torch.Tensor, *, retain_graph: bool = False) -> None:
         """Keep `loss` (the clean loss) to back-propagate with the next `backward()`: one backward through both
-        graphs instead of two. `retain_graph`: keep its graph after that backward (a later term needs it)."""
+        graphs instead of two. `retain_graph`: when a method needs the clean gradient first (`flush()`), keep the
+        clean graph after that backward, for a later term that differentiates through it (R-Drop)."""
         self._pending, self._retain_pending = loss, retain_graph
 
     def flush(self) -> None:
@@ -163,13 +164,11 @@ class TrainingStep:
         """Back-propagate `loss / gradient_accumulation_steps` (with a held clean loss). `final`: the method's last
         backward in this step; the last of the step's components runs the DDP all-reduce in it."""
         if self._pending is not None:
+            # One backward through the held clean graph and this one: nothing is left that needs the clean graph.
             loss = self._pending + loss
-            retain = self._retain_pending
             self._pending = None
-        else:
-            retain = False
         sync = final and self._final_component
-        self._backward(loss / self.accumulation, sync, retain)
+        self._backward(loss / self.accumulation, sync, False)
         self.synced = self.synced or sync
 
     def record(self, name: str, value: torch.Tensor | float | None) -> None:

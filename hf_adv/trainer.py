@@ -123,6 +123,18 @@ def _uses_reentrant_checkpointing(args, model: nn.Module) -> bool:
     return False
 
 
+def _allow_retained_compiled_graphs() -> None:
+    """A regularizer that differentiates through the clean pass (R-Drop) after a perturbation has back-propagated it
+    needs its graph kept (`retain_graph=True`), which `torch.compile`'s backward refuses when it donates buffers."""
+    try:
+        import torch._functorch.config as functorch_config
+    except ImportError:  # pragma: no cover - torch without functorch
+        return
+    if getattr(functorch_config, "donated_buffer", False):
+        functorch_config.donated_buffer = False
+        logger.info("torch.compile backward no longer donates buffers (the clean graph is kept for a regularizer).")
+
+
 def _guard_compiled_code_on_hooks() -> None:
     """Make `torch.compile` check module hooks before reusing compiled code.
 
@@ -256,6 +268,8 @@ class AdversarialMixin:
                 self.regularizers.append(method)
         if self.regularizers or (self.adversary is not None and not self.adversary.trains_clean_pass):
             self._outputs = _OutputCapture(extract_model_from_parallel(model, keep_fp32_wrapper=True))
+        if any(r.needs_clean_graph for r in self.regularizers) and self.adversary is not None:
+            _allow_retained_compiled_graphs()
         if self.tap is not None:
             # Installed now, inactive until the training step: a compiled model must have its hooks before its first
             # compiled forward (hooks added later are not seen by the compiled graph).

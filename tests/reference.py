@@ -308,7 +308,7 @@ CASES: dict[str, Case] = {
         dict(adv_method="freelb", adv_steps=3, adv_alpha=0.3, adv_init_mag=0.5),
         lambda m, b: freelb(m, b, 0.3, 3, init_mag=0.5),
     ),
-    "carry": Case(dict(adv_method="carry", adv_epsilon=0.5), lambda m, b: carry(m, b, 0.5, steps=2), steps=2),
+    "carry": Case(dict(adv_method="carry", adv_epsilon=3.0), lambda m, b: carry(m, b, 3.0, steps=2), steps=2),
     "vat": Case(dict(vat_weight=0.7), lambda m, b: vat(m, b, 0.7)),
     "rdrop": Case(dict(rdrop_weight=0.5), lambda m, b: rdrop(m, b, 0.5), model=dict(hidden_dropout_prob=0.2)),
 }

@@ -498,6 +498,8 @@ REFUSED = case_params(lambda spec, method: method in spec.refused)
 def build_trainer(tmp_path, case: str, method: str | None = None, **overrides) -> AdversarialTrainer:
     spec = CASES[case]
     args = dict(max_steps=2, logging_steps=1)
+    if method is not None and reference.first_case(method).steps > 1:
+        args["max_steps"] = 4  # a perturbation carried over between steps needs more steps to show
     args.update(spec.args)
     if method is not None:
         args.update(method_flags(method))
