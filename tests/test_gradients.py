@@ -125,6 +125,12 @@ STANDALONE = {
     "fgsm": (lambda m: FGSM(m, epsilon=0.02), lambda m, b: reference.fgm(m, b, 0.02, sign=True)),
     "pgd": (lambda m: PGD(m, epsilon=0.5, alpha=0.3, steps=3), lambda m, b: reference.pgd(m, b, 0.5, 0.3, 3)),
     "awp": (lambda m: AWP(m, lr=1.0, eps=1e-2), lambda m, b: reference.awp(m, b, 1.0, 1e-2)),
+    # Example scope without the batch: padding found from the embedding's padding_idx (the test batch pads with 0).
+    "fgm-example": (lambda m: FGM(m, epsilon=0.5, scope="example"), lambda m, b: reference.fgm_example(m, b, 0.5)),
+    "pgd-example": (
+        lambda m: PGD(m, epsilon=0.5, alpha=0.3, steps=3, scope="example"),
+        lambda m, b: reference.pgd_example(m, b, 0.5, 0.3, 3),
+    ),
 }
 
 
