@@ -1,17 +1,19 @@
-"""`AdversarialTrainer`: `transformers.Trainer` with FGM, FGSM, PGD or AWP and a VAT term in every training step.
+"""`AdversarialTrainer`: `transformers.Trainer` with a perturbation (FGM, FGSM, PGD, AWP, FreeLB, carried FGM) and
+regularizers (VAT, R-Drop) in every training step.
 
-Data flow: `AdversarialTrainingArguments` (flat `adv_*`, `awp_*`, `vat_*` fields) -> `AdversarialTrainer.__init__`
-builds one method object from `hf_adv.methods` (and a `VAT`) and installs their embedding hooks, inactive, before
-any `torch.compile` -> `training_step` runs, for each micro-batch:
+Data flow: `AdversarialTrainingArguments` (flat `adv_*`, `awp_*`, `vat_*`, `freelb_*`, `rdrop_*` fields) ->
+`AdversarialMixin.__init__` builds the perturbation named by `adv_method` and every regularizer whose weight is > 0
+from the registry (`hf_adv.methods`), sharing one set of embedding hooks installed inactive before any
+`torch.compile` -> `training_step` runs, for each micro-batch, with a `hf_adv.step.TrainingStep`:
 
-1. the clean pass: the user's `compute_loss` (or `compute_loss_func`, label smoothing, the model's own loss) and its
-   backward, the gradient at the embedding output captured by the method;
-2. the perturbation passes inside `method.perturbed()`, whose gradients add to the clean one;
-3. the regularizer term (VAT), whose gradient adds too;
+1. the clean pass: the user's `compute_loss` (or `compute_loss_func`, label smoothing, the model's own loss), held
+   to be back-propagated with the next term, or at once when the perturbation needs its gradient;
+2. the perturbation's passes (`AdversarialMethod.train_step`), whose gradients add to the clean one;
+3. each regularizer's term (`Regularizer.term`), whose gradient adds too;
 4. the losses, logged with the training loss.
 
 Every pass gets its own shallow copy of the batch, so a `compute_loss` that pops `labels` changes nothing for the
-next pass. Every backward but the last runs under `accelerator.no_sync`, and the last one triggers the DDP
+next pass. Every backward but the step's last runs under `accelerator.no_sync`, and the last one triggers the DDP
 all-reduce, so gradients are reduced once per optimizer step whatever the number of passes.
 """
 

@@ -94,8 +94,8 @@ def test_method_flags_come_from_the_imdb_configs():
 
 
 def test_quality_refuses_unknown_names(tmp_path):
-    with pytest.raises(SystemExit, match=r"--methods: unknown or no values \['freelb'\]"):
-        quality.main(["--methods", "fgm,freelb", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--methods: unknown or no values \['fgn'\]"):
+        quality.main(["--methods", "fgm,fgn", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--seeds: comma-separated integers, got ','"):
         quality.main(["--seeds", ",", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--epsilons must all be > 0, got \[0.1, 0.0\]"):
