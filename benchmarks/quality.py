@@ -14,7 +14,8 @@ interrupted grid picks up where it stopped and seeds can be added later. A run f
     python -m benchmarks.quality                          # IMDB and GoEmotions, 5 methods, seeds 0 1 2 (hours)
     python -m benchmarks.quality --tasks imdb --seeds 0 --output-dir /tmp/q   # one seed of IMDB, docs/ untouched
 
-`docs/benchmarks/quality.json` and the table hold the grid of the last invocation only. With `--no-train` that
+`docs/benchmarks/quality.json` and the table hold the grid of the last invocation only (`--tag NAME` writes an
+extra grid to `quality_NAME.json` instead, with its own section). With `--no-train` that
 invocation trains nothing: the table holds the runs of its grid trained so far (each method's row names its seeds),
 the others are listed under `missing`, so a grid can be published while it is still running.
 
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe-args", default="", help="extra recipe flags, e.g. '--learning_rate 3e-5'")
     parser.add_argument("--output-dir", type=Path, default=DOCS, help="docs folder: benchmarks/quality.{json,png}")
     parser.add_argument(
+        "--tag", default="", help="name of an extra grid: written to quality_<tag>.json, its own section of the page"
+    )
+    parser.add_argument(
         "--no-train",
         action="store_true",
         help="train nothing: the table holds the runs of the grid trained already (scored if they are not yet) and "
@@ -388,11 +392,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "missing": missing,
         "results": aggregate(runs),
     }
-    write_json(args.output_dir / "benchmarks" / "quality.json", data)
+    result = args.output_dir / "benchmarks" / (f"quality_{args.tag}.json" if args.tag else "quality.json")
+    write_json(result, data)
     from . import report
 
     print(report.quality_table(data["results"]))
-    print(f"Wrote {report.render(args.output_dir)} and {args.output_dir / 'benchmarks' / 'quality.json'}")
+    print(f"Wrote {report.render(args.output_dir)} and {result}")
     return data
 
 

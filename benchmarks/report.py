@@ -105,11 +105,15 @@ def targets_table(data: dict) -> str:
         versus, verdict = "", ["met" if check["met_target"] else "**missed**"]
         if "vs_classic" in check:
             v = check["vs_classic"]
+            classic = check.get("classic", classic)  # the one compared when measured
             versus = f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) vs {LABELS.get(classic, classic)}"
             verdict.append("below classic" if check["below_classic"] else "**not below classic**")
         floor = check.get("vs_floor")
         floor = f"{floor['median']:.2f} ({floor['min']:.2f}-{floor['max']:.2f})" if floor else ""
-        goal = f"<= {target}x" + (f" and below {LABELS.get(classic, classic)}" if classic else "")
+        compared = check.get("classic")
+        goal = f"<= {check.get('target', target)}x" + (
+            f" and below {LABELS.get(compared, compared)}" if compared else ""
+        )
         rows.append(
             f"| {LABELS.get(method, method)} | {goal} | {_ratio(r['ratio'])} | {floor} | {versus} "
             f"| {', '.join(verdict)} |"
@@ -297,9 +301,9 @@ def plot_quality(results: dict, path: Path) -> bool:
     return True
 
 
-def quality_section(data: dict, results_dir: Path, cost_above: bool) -> list[str]:
+def quality_section(data: dict, results_dir: Path, cost_above: bool, name: str = "quality") -> list[str]:
     """`cost_above`: the page has the step-cost section the text points to (a quality-only page points to
-    docs/benchmarks.md)."""
+    docs/benchmarks.md). `name`: the JSON file's stem (`quality`, or `quality_<tag>` for an extra grid)."""
     config = data["config"]
     methods = {method for task in data["results"].values() for method in task}
     recipe_args = config.get("recipe_args", "")
@@ -319,8 +323,9 @@ def quality_section(data: dict, results_dir: Path, cost_above: bool) -> list[str
             + ", scored by micro-F1 with every logit thresholded at 0 (the recipe's "
             "own test score tunes the threshold on validation)."
         )
+    tag = name.removeprefix("quality").removeprefix("_")
     lines = [
-        "## Quality: clean and under attack",
+        "## Quality: clean and under attack" + (f" ({tag})" if tag else ""),
         "",
         f"Model {_model_name(config['model'])}, trained with the recipes (`benchmarks/quality.py` lists the flags), "
         f"seeds {', '.join(map(str, config['seeds']))}. " + " ".join(data_text) + " Scored by "
@@ -350,14 +355,14 @@ def quality_section(data: dict, results_dir: Path, cost_above: bool) -> list[str
     if missing:
         names = ", ".join(f"{m['task']} {m['method']} seed {m['seed']}" for m in missing)
         lines += [f"Not trained yet, so not in the table ({len(missing)} of the grid, `--no-train`): {names}.", ""]
-    if plot_quality(data["results"], results_dir / "quality.png"):
-        lines += ["![quality](benchmarks/quality.png)", ""]
+    if plot_quality(data["results"], results_dir / f"{name}.png"):
+        lines += [f"![{name}](benchmarks/{name}.png)", ""]
     return lines
 
 
 def render(docs_dir: Path = DOCS) -> Path:
     """Write `docs_dir/benchmarks.md` from the JSON files in `docs_dir/benchmarks/`: a section per
-    `step_cost*.json` (the untagged run first), then `end_to_end.json`, then `quality.json`."""
+    `step_cost*.json` (the untagged run first), then `end_to_end.json`, then each `quality*.json` (likewise)."""
     results_dir = docs_dir / "benchmarks"
     end_to_end = _load(results_dir / "end_to_end.json")
     step_costs = sorted(results_dir.glob("step_cost*.json"), key=lambda p: (p.stem != "step_cost", p.stem))
@@ -396,9 +401,8 @@ def render(docs_dir: Path = DOCS) -> Path:
             end_to_end_table(end_to_end),
             "",
         ]
-    quality = _load(results_dir / "quality.json")
-    if quality is not None:
-        lines += quality_section(quality, results_dir, cost_above=bool(step_costs))
+    for path in sorted(results_dir.glob("quality*.json"), key=lambda p: (p.stem != "quality", p.stem)):
+        lines += quality_section(_load(path), results_dir, cost_above=bool(step_costs), name=path.stem)
     path = docs_dir / "benchmarks.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
