@@ -39,7 +39,7 @@ class AdversarialTrainingArguments(TrainingArguments):
     adv_fraction: float = field(
         default=1.0,
         metadata={
-            "help": "FGM/FGSM in example scope: run the adversarial pass on this fraction of each micro-batch's rows "
+            "help": "FGM/FGSM: run the adversarial pass on this fraction of each micro-batch's rows "
             "(at least one), drawn at random every step (Kurakin et al. 2017's mix of clean and adversarial "
             "examples): the pass costs about that fraction of a plain one. 1.0: every row."
         },
@@ -191,7 +191,7 @@ class AdversarialTrainingArguments(TrainingArguments):
                 m for m in list_methods() if m != "none" and getattr(get_method_class(m), "supports_fraction", False)
             ]
             raise ValueError(
-                f"adv_fraction={self.adv_fraction} is for adv_method in {supported} (with adv_scope='example'); "
+                f"adv_fraction={self.adv_fraction} is for adv_method in {supported}; "
                 f"adv_method={self.adv_method!r} would ignore it. Leave adv_fraction at 1.0."
             )
         for cls, _ in self.configured_methods():

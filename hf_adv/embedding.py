@@ -242,8 +242,11 @@ class EmbeddingTap:
         return output if torch.is_grad_enabled() else None
 
     # -- gradients by touched row ----------------------------------------------------------------------------------
-    def touched_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sorted unique rows looked up since the last reset, and for each lookup position its row among them."""
+    def touched_rows(self, indices: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sorted unique rows looked up since the last reset (or in `indices`), and for each lookup position its
+        row among them."""
+        if indices is not None:
+            return torch.unique(torch.cat([i.reshape(-1) for i in indices]), return_inverse=True)
         if not self.indices:
             raise RuntimeError(
                 "No input-embedding lookup was recorded in a grad-enabled forward since the last reset: the model "
@@ -253,7 +256,10 @@ class EmbeddingTap:
         return torch.unique(flat, return_inverse=True)
 
     def rows_gradient(
-        self, output_grads: Sequence[torch.Tensor | None], touched: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        output_grads: Sequence[torch.Tensor | None],
+        touched: tuple[torch.Tensor, torch.Tensor] | None = None,
+        indices: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scatter gradients of the recorded outputs onto the touched rows, in float32.
 
@@ -262,13 +268,17 @@ class EmbeddingTap:
         applied, per call as `nn.Embedding` does), and every other row's gradient is zero. For a module that scales
         its output (BART's scaled embedding) it is the gradient with respect to a shared offset of the output rows.
         `touched`: `touched_rows()` when already known for lookups of the same indices (PGD's inner steps).
+        `indices`: the recorded lookups' indices restricted to some of their rows, with `output_grads` restricted
+        alike (FGM on a fraction of the batch).
         """
-        rows, inverse = touched if touched is not None else self.touched_rows()
+        indices = self.indices if indices is None else indices
+        rows, inverse = touched if touched is not None else self.touched_rows(indices)
         hidden = self.hidden_size
         parts = []
-        for ids, module, output, grad in zip(self.indices, self.lookups, self.outputs, output_grads):
+        for ids, module, output, grad in zip(indices, self.lookups, self.outputs, output_grads):
+            shape = (*ids.shape, hidden)
             ids = ids.reshape(-1)
-            grad = torch.zeros_like(output) if grad is None else grad
+            grad = output.new_zeros(shape) if grad is None else grad
             grad = grad.reshape(-1, hidden).float()
             if getattr(module, "scale_grad_by_freq", False):
                 _, position, counts = torch.unique(ids, return_inverse=True, return_counts=True)
@@ -346,12 +356,17 @@ class EmbeddingTap:
         return list(torch.autograd.grad(loss, self.outputs, allow_unused=True))
 
     def row_deltas(
-        self, r: torch.Tensor, touched: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        r: torch.Tensor,
+        touched: tuple[torch.Tensor, torch.Tensor] | None = None,
+        indices: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """One output perturbation per recorded lookup: delta[b, t] = r[row(b, t)] for the touched-row offsets `r`."""
-        _, inverse = touched if touched is not None else self.touched_rows()
+        """One output perturbation per recorded lookup (or per lookup of `indices`): delta[b, t] = r[row(b, t)] for
+        the touched-row offsets `r`."""
+        indices = self.indices if indices is None else indices
+        _, inverse = touched if touched is not None else self.touched_rows(indices)
         deltas, start = [], 0
-        for ids in self.indices:
+        for ids in indices:
             n = ids.numel()
             deltas.append(r[inverse[start : start + n]].reshape(*ids.shape, r.shape[-1]))
             start += n

@@ -157,6 +157,28 @@ def fgm_example(model, batch, epsilon, sign=False, fraction=1.0):
         shift.remove()
 
 
+def fgm_fraction(model, batch, epsilon, fraction):
+    """Token-scope FGM whose adversarial pass runs on `torch.randperm`'s first rows, r built from those rows' clean
+    gradient only (scattered onto the vocabulary rows they look up, padding row skipped), written into the weight."""
+    shift = _Shift(model)
+    try:
+        clean(model, batch)
+        out_grad = shift.output.grad.detach()
+    finally:
+        shift.remove()
+    rows = batch["input_ids"].shape[0]
+    index = torch.randperm(rows)[: max(1, round(fraction * rows))].sort().values
+    emb = model.get_input_embeddings()
+    ids = batch["input_ids"][index]
+    g = torch.zeros_like(emb.weight).index_add_(0, ids.reshape(-1), out_grad[index].reshape(-1, emb.weight.shape[1]))
+    if emb.padding_idx is not None:
+        g[emb.padding_idx] = 0
+    backup = emb.weight.data.clone()
+    emb.weight.data.add_(epsilon * g / g.norm())
+    _loss(model, {k: v[index] for k, v in batch.items()}).backward()
+    emb.weight.data = backup
+
+
 def pgd_example(model, batch, epsilon, alpha, steps):
     """PGD with a per-example L2 ball over the real tokens, as the trainer's example scope."""
     shift = _Shift(model)
@@ -279,6 +301,9 @@ CASES: dict[str, Case] = {
     "fgm-fraction": Case(
         dict(adv_method="fgm", adv_scope="example", adv_epsilon=0.5, adv_fraction=0.5),
         lambda m, b: fgm_example(m, b, 0.5, fraction=0.5),
+    ),
+    "fgm-fraction-token": Case(
+        dict(adv_method="fgm", adv_epsilon=0.5, adv_fraction=0.5), lambda m, b: fgm_fraction(m, b, 0.5, 0.5)
     ),
     "fgsm": Case(dict(adv_method="fgsm", adv_epsilon=0.02), lambda m, b: fgm(m, b, 0.02, sign=True)),
     "fgsm-example": Case(

@@ -280,7 +280,6 @@ def test_awp_waits_for_the_first_epoch_by_default(tmp_path):
         (dict(robust_eval_epsilons=[0.1, 0.0]), r"robust_eval_epsilons must all be > 0, got \[0.1, 0.0\]"),
         (dict(robust_eval_steps=0), "robust_eval_steps must be >= 1"),
         (dict(adv_method="fgm", adv_scope="sentence"), r"adv_scope='sentence' is not one of \['token', 'example'\]"),
-        (dict(adv_method="fgm", adv_fraction=0.5), "adv_fraction=0.5 needs adv_scope='example'"),
         (dict(adv_method="pgd", adv_scope="example", adv_fraction=0.5), r"adv_fraction=0.5 is for adv_method in \["),
         (dict(adv_fraction=0.0), r"adv_fraction must be in \(0, 1\], got 0.0"),
         (dict(adv_method="carry", adv_scope="example"), "token scope only"),

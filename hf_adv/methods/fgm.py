@@ -66,16 +66,17 @@ class FGM(AdversarialMethod):
         epsilon (`float`, *optional*, defaults to `1.0`): L2 size of r over all touched rows (token scope) or per
             example (example scope), in units of the embedding output.
         scope (`str`, *optional*, defaults to `"token"`): `"token"` or `"example"`.
-        fraction (`float`, *optional*, defaults to `1.0`): in the trainer, example scope only: the adversarial pass
-            runs on this fraction of the micro-batch's rows (at least one), drawn at random every step, as Kurakin et
-            al. ("Adversarial Machine Learning at Scale", ICLR 2017) mix clean and adversarial examples; its loss is
-            the mean over those rows. The pass then costs about `fraction` of a plain one.
+        fraction (`float`, *optional*, defaults to `1.0`): in the trainer: the adversarial pass runs on this fraction
+            of the micro-batch's rows (at least one), drawn at random every step, as Kurakin et al. ("Adversarial
+            Machine Learning at Scale", ICLR 2017) mix clean and adversarial examples; its loss is the mean over
+            those rows, and in token scope r covers the rows those examples look up, from their gradient alone. The
+            pass then costs about `fraction` of a plain one.
         embedding_name (`str`, *optional*): see `AdversarialMethod`.
         attach (`bool`, *optional*, defaults to `True`): see `AdversarialMethod`.
 
     Raises:
-        `ValueError`: when `epsilon <= 0`, `scope` is unknown, `fraction` is not in (0, 1] or below 1 in token scope,
-            or the model has no input embedding.
+        `ValueError`: when `epsilon <= 0`, `scope` is unknown, `fraction` is not in (0, 1], or the model has no
+            input embedding.
     """
 
     name = "fgm"
@@ -90,25 +91,12 @@ class FGM(AdversarialMethod):
         self.scope = check_scope(scope)
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
-        if fraction < 1 and scope != "example":
-            raise ValueError(
-                f"adv_fraction={fraction} needs adv_scope='example' (a token-scope offset is shared by every row that "
-                "looks the token up, so it cannot be given to some rows only)."
-            )
         super().__init__(model, **kwargs)
         self.epsilon, self.fraction = epsilon, fraction
 
     @classmethod
     def args_kwargs(cls, args) -> dict:
         return {"epsilon": args.adv_epsilon, "scope": args.adv_scope, "fraction": args.adv_fraction}
-
-    @classmethod
-    def check_args(cls, args) -> None:
-        if args.adv_fraction < 1 and args.adv_scope != "example":
-            raise ValueError(
-                f"adv_fraction={args.adv_fraction} needs adv_scope='example' (a token-scope offset is shared by every "
-                "row that looks the token up, so it cannot be given to some rows only)."
-            )
 
     @classmethod
     def describe(cls, args) -> str:
@@ -126,16 +114,23 @@ class FGM(AdversarialMethod):
         device = tap.weight.device
         index = torch.randperm(rows, device=device)[:count].sort().values
         grads = tap.captured_output_gradients()
-        masks = tap.padding_masks(batch)
         picked = [lookup_rows(index, g.shape[0], rows) for g in grads]
         grads = [g.index_select(0, i) for g, i in zip(grads, picked)]
-        masks = [None if m is None else m.index_select(0, i) for m, i in zip(masks, picked)]
-        directions, usable = example_directions(grads, masks)
+        if self.scope == "example":
+            masks = [None if m is None else m.index_select(0, i) for m, i in zip(tap.padding_masks(batch), picked)]
+            directions, usable = example_directions(grads, masks)
+            deltas = [self.example_step(d) for d in directions] if usable else None
+        else:  # one offset per vocabulary row the picked rows look up, from those rows' gradients only
+            indices = [ids.index_select(0, i) for ids, i in zip(tap.indices, picked)]
+            touched = tap.touched_rows(indices)
+            _, grad = tap.rows_gradient(grads, touched, indices)
+            norm = grad.norm()
+            usable = is_usable_norm(norm)
+            deltas = tap.row_deltas(self.step(grad, norm), touched, indices) if usable else None
         tap.reset()
         step.record("adv_skipped", float(not usable))
         if not usable:
             return None
-        deltas = [self.example_step(d) for d in directions]
         try:
             with tap.shifted(deltas):
                 adv_loss = step.loss(select_rows(batch, index, rows))
