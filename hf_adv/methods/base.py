@@ -148,7 +148,8 @@ class AdversarialMethod(Method):
     summed_metrics = ("adv_skipped",)
     # Whether the step runs the clean pass (FreeLB without its clean loss trains on perturbed passes only).
     trains_clean_pass: bool = True
-    # Whether `train_step` needs the clean pass's gradient (FGM's direction): the clean backward then runs before it.
+    # Whether the clean backward runs before `train_step` (FGM needs the clean gradient for its direction); when False
+    # the clean loss is back-propagated with the method's first backward, one backward through two graphs.
     needs_clean_gradient: bool = True
 
     def __init__(

@@ -44,7 +44,9 @@ class FreeLB(AdversarialMethod):
     """
 
     name = "freelb"
-    needs_clean_gradient = False
+    # With `clean_loss`, the clean pass is back-propagated before the K passes: holding its graph for one backward
+    # with the first pass would keep two graphs alive (+0.55 GB peak on MiniLM 16 x 128) for no saving.
+    needs_clean_gradient = True
     metrics = ("adv_loss", "adv_perturbation_norm")
     summed_metrics = ()
 
