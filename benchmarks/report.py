@@ -27,7 +27,7 @@ LABELS = {
     "classic_vat": "reference VAT (full probe backward)",
     "classic_vat_one_backward": "VAT written the fast way (autograd.grad probe, one backward)",
     "fgm_example": "hf_adv `fgm`, example scope",
-    "fgm_fraction": "hf_adv `fgm`, example scope, on 1/4 of the rows",
+    "fgm_fraction": "hf_adv `fgm` on 1/4 of the rows (eps 0.5)",
     "pgd_example": "hf_adv `pgd` (K=3), example scope",
     "carry": "hf_adv `carry` (carried FGM, one pass)",
     "freelb": "hf_adv `freelb` (K=2)",
