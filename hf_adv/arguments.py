@@ -5,6 +5,7 @@ Every field is a `--flag` of `HfArgumentParser`, so recipes and the CLI configur
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import transformers
@@ -14,6 +15,15 @@ from .losses import DIVERGENCE_CHOICES
 from .methods import get_method_class, list_methods
 
 SCOPES = ("token", "example")
+
+
+def _method_flags() -> dict[str, tuple[str, ...]]:
+    """Flags read by some registered methods only (`Method.own_flags`) -> the names of those methods."""
+    owners: dict[str, list[str]] = {}
+    for name in list_methods(None):
+        for flag in get_method_class(name).own_flags:
+            owners.setdefault(flag, []).append(name)
+    return {flag: tuple(names) for flag, names in owners.items()}
 
 
 @dataclass
@@ -184,18 +194,6 @@ class AdversarialTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not 0 < self.adv_fraction <= 1:
             raise ValueError(f"adv_fraction must be in (0, 1], got {self.adv_fraction}.")
-        if self.adv_fraction < 1 and not (
-            self.adv_method != "none" and getattr(get_method_class(self.adv_method), "supports_fraction", False)
-        ):
-            supported = [
-                m for m in list_methods() if m != "none" and getattr(get_method_class(m), "supports_fraction", False)
-            ]
-            raise ValueError(
-                f"adv_fraction={self.adv_fraction} is for adv_method in {supported}; "
-                f"adv_method={self.adv_method!r} would ignore it. Leave adv_fraction at 1.0."
-            )
-        for cls, _ in self.configured_methods():
-            cls.check_args(self)
         positive = {
             "adv_epsilon": self.adv_epsilon,
             "adv_alpha": self.adv_alpha,
@@ -205,8 +203,12 @@ class AdversarialTrainingArguments(TrainingArguments):
             "vat_xi": self.vat_xi,
         }
         for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}.")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}.")
+        finite = ["adv_init_mag", "adv_max_norm"] + [get_method_class(n).weight_field for n in regularizers]
+        for name in finite:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}.")
         for epsilon in self.robust_eval_epsilons or ():
             if not epsilon > 0:
                 raise ValueError(f"robust_eval_epsilons must all be > 0, got {self.robust_eval_epsilons}.")
@@ -219,6 +221,31 @@ class AdversarialTrainingArguments(TrainingArguments):
             raise ValueError(f"adv_start_epoch must be >= 0, got {self.adv_start_epoch}.")
         if self.adv_start_step < 0:
             raise ValueError(f"adv_start_step must be >= 0, got {self.adv_start_step}.")
+        configured = self.configured_methods()
+        for cls, _ in configured:
+            cls.check_args(self)
+        classes = [cls for cls, _ in configured]
+        # A flag that only some methods read, set while none of them is configured, would be silently ignored.
+        for name, owners in _method_flags().items():
+            if getattr(self, name) != self.__dataclass_fields__[name].default and not any(
+                cls.name in owners for cls in classes
+            ):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is read only by the methods {list(owners)}, and the configured "
+                    f"ones ({self.describe_methods()}) would ignore it. Configure one of those methods, or leave "
+                    f"{name} at its default."
+                )
+        perturbation = next((cls for cls in classes if cls.kind == "perturbation"), None)
+        if perturbation is not None and not perturbation.runs_clean_pass(self):
+            for cls in classes:
+                if getattr(cls, "needs_clean_graph", False):
+                    raise ValueError(
+                        f"{cls.weight_field}={getattr(self, cls.weight_field)} compares the clean pass with a second "
+                        f"pass, and adv_method={self.adv_method!r} runs no clean pass"
+                        + (f" unless {perturbation.clean_pass_flag}=True" if perturbation.clean_pass_flag else "")
+                        + f". Set {cls.weight_field}=0"
+                        + (f" or {perturbation.clean_pass_flag}=True." if perturbation.clean_pass_flag else ".")
+                    )
 
     def configured_methods(self) -> list[tuple[type, str]]:
         """The method classes these arguments enable, with their description: the perturbation named by

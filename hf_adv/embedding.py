@@ -104,6 +104,14 @@ def lookup_modules(model: nn.Module, module: nn.Module, weight: torch.Tensor) ->
     return [m for m in found if not any(other is not m and _contains(m, other) for other in found)]
 
 
+def decoder_lookups(model: nn.Module, modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """Those of `modules` that belong to a decoder (a module path with a `decoder` part, as T5, BART and every
+    transformers encoder-decoder name it): their positions are the decoder's, masked by `decoder_attention_mask` or
+    the labels, never by the encoder's `attention_mask`."""
+    names = {id(m): name for name, m in unwrap_model(model).named_modules()}
+    return [m for m in modules if "decoder" in names.get(id(m), "").split(".")]
+
+
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(sub is inner for sub in outer.modules() if sub is not outer)
 
@@ -134,6 +142,9 @@ class EmbeddingTap:
         self.module = module
         self.weight = weight
         self.modules = list(modules) if modules else [module]
+        # Lookups whose positions are a decoder's (see `decoder_lookups`).
+        self.decoder_modules: list[nn.Module] = []
+        self.current_module: nn.Module | None = None
         self.delta: Delta | None = None
         self.active = False
         self._handles: list = []
@@ -198,6 +209,7 @@ class EmbeddingTap:
         self.outputs: list[torch.Tensor] = []
         self.output_grads: list[torch.Tensor | None] = []
         self.shapes: list[torch.Size] = []  # of every lookup output, also in no-grad forwards
+        self.shape_is_decoder: list[bool] = []  # for each of `shapes`, whether a decoder's lookup made it
         self._calls = 0
 
     @staticmethod
@@ -225,8 +237,10 @@ class EmbeddingTap:
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not self.active or not args or not isinstance(args[0], torch.Tensor) or args[0].is_floating_point():
             return None
+        self.current_module = module  # for a delta function that needs to know the lookup (FreeLB's start)
         delta = self._delta_for(output, args[0])
         self.shapes.append(output.shape)
+        self.shape_is_decoder.append(any(module is m for m in self.decoder_modules))
         if torch.is_grad_enabled():
             if not output.requires_grad:
                 # Frozen embeddings (PEFT, `requires_grad_(False)`): make the output a leaf that requires grad so the
@@ -334,9 +348,11 @@ class EmbeddingTap:
         """For each recorded lookup, its rows x sequence mask of real tokens: the batch's attention mask when
         `inputs` has one of the lookup's shape, else the positions that are not the module's `padding_idx`, else
         None (every position real)."""
-        found = (
-            lookup_masks(inputs, [o.shape for o in self.outputs]) if inputs is not None else [None] * len(self.outputs)
-        )
+        decoder = [any(module is m for m in self.decoder_modules) for module in self.lookups]
+        if inputs is not None:
+            found = lookup_masks(inputs, [o.shape for o in self.outputs], decoder)
+        else:
+            found = [None] * len(self.outputs)
         masks = []
         for mask, ids, module in zip(found, self.indices, self.lookups):
             padding_idx = getattr(module, "padding_idx", None)
@@ -375,6 +391,14 @@ class EmbeddingTap:
     def output_shapes(self) -> list[torch.Size]:
         """Shapes of the lookup outputs since the last reset, in call order."""
         return list(self.shapes)
+
+    def is_decoder(self, module: nn.Module | None) -> bool:
+        """Whether `module` is one of the decoder's lookups."""
+        return any(module is m for m in self.decoder_modules)
+
+    def output_is_decoder(self) -> list[bool]:
+        """For each of `output_shapes()`, whether a decoder's lookup made it."""
+        return list(self.shape_is_decoder)
 
 
 # -- per-example geometry of embedding outputs (example scope, VAT, FreeLB, the robustness attacks) ------------------

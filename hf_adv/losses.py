@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,12 +169,13 @@ def divergence(
     return distance
 
 
-def prediction_positions(inputs: Mapping, logits: torch.Tensor) -> torch.Tensor | None:
+def prediction_positions(inputs: Mapping, logits: torch.Tensor, decoder: bool = False) -> torch.Tensor | None:
     """The mask of real positions for per-token logits (batch x sequence x classes): the decoder attention mask, the
-    attention mask, or the labels that are not -100, whichever matches the logits' first two dimensions."""
+    attention mask (not for a `decoder`'s logits: an encoder-decoder's predictions are at the decoder's positions),
+    or the labels that are not -100, whichever matches the logits' first two dimensions."""
     if isinstance(logits, tuple) or logits.dim() != 3:
         return None
-    for key in ("decoder_attention_mask", "attention_mask"):
+    for key in ("decoder_attention_mask",) if decoder else ("decoder_attention_mask", "attention_mask"):
         mask = inputs.get(key)
         if isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:2]:
             return mask
@@ -184,14 +185,22 @@ def prediction_positions(inputs: Mapping, logits: torch.Tensor) -> torch.Tensor 
     return None
 
 
-def lookup_masks(inputs: Mapping, shapes) -> list[torch.Tensor | None]:
-    """For each embedding lookup (output shape rows x sequence x hidden), the batch's attention mask when its
-    positions are the lookup's (a multiple-choice mask is flattened to rows x sequence), else None."""
+def lookup_masks(inputs: Mapping, shapes, decoder: Sequence[bool] | None = None) -> list[torch.Tensor | None]:
+    """For each embedding lookup (output shape rows x sequence x hidden), the mask of its real positions: for an
+    encoder's (or a decoder-only model's) lookup the batch's attention mask when its positions are the lookup's (a
+    multiple-choice mask is flattened to rows x sequence); for a `decoder`'s lookup (an encoder-decoder's) the
+    decoder attention mask, or else the labels that are not -100; else None."""
     masks = []
-    for shape in shapes:
+    decoder = list(decoder) if decoder is not None else [False] * len(shapes)
+    labels = inputs.get("labels")
+    for shape, is_decoder in zip(shapes, decoder):
         found = None
-        for key in ("attention_mask", "decoder_attention_mask"):
-            mask = inputs.get(key)
+        if is_decoder:
+            real_labels = labels != IGNORE_INDEX if isinstance(labels, torch.Tensor) else None
+            candidates = [inputs.get("decoder_attention_mask"), real_labels]
+        else:
+            candidates = [inputs.get("attention_mask"), inputs.get("decoder_attention_mask")]
+        for mask in candidates:
             if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.shape[-1] == shape[1]:
                 mask = mask.reshape(-1, shape[1])
                 if mask.shape[0] == shape[0]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .embedding import EmbeddingTap, unwrap_model
-from .losses import divergence, find_logits, prediction_positions, resolve_divergence
+from .losses import IGNORE_INDEX, divergence, find_logits, prediction_positions, resolve_divergence
 
 
 def select_rows(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
@@ -28,6 +28,12 @@ def select_rows(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
         k: v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v
         for k, v in inputs.items()
     }
+
+
+def _label_count(batch: dict) -> int:
+    """Labels other than -100 in `batch` (0 without labels)."""
+    labels = batch.get("labels")
+    return int((labels != IGNORE_INDEX).sum()) if isinstance(labels, torch.Tensor) else 0
 
 
 def batch_size(inputs: dict) -> int:
@@ -67,6 +73,7 @@ class TrainingStep:
         num_items_in_batch=None,
         accumulation: int = 1,
         loss_divisor: int = 1,
+        normalized_by_items: bool = False,
         grad_scale: float = 1.0,
         tap: EmbeddingTap | None = None,
         outputs_capture=None,
@@ -82,6 +89,9 @@ class TrainingStep:
         self.accumulation = accumulation
         # A loss normalised by `num_items_in_batch` is `mean / accumulation`; a per-micro-batch mean is the mean.
         self._to_mean = accumulation / loss_divisor
+        # The loss code divides by `num_items_in_batch` (a token-level loss, `compute_loss_func`): a pass on some of
+        # the rows gets a count scaled to those rows, so that its loss is their mean.
+        self._normalized_by_items = normalized_by_items
         self.grad_scale = grad_scale
         self.tap = tap
         self.optimizer = optimizer
@@ -90,6 +100,7 @@ class TrainingStep:
         self._record = record
         self.clean_outputs = None
         self.clean_shapes: list[torch.Size] | None = None
+        self.clean_is_decoder: list[bool] | None = None
         self.training_loss: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
         self._retain_pending = False
@@ -102,8 +113,18 @@ class TrainingStep:
         micro-batch."""
         batch = self.labelled if batch is None else batch
         trainer = self.trainer
+        num_items = self.num_items_in_batch
+        if (
+            self._normalized_by_items
+            and num_items is not None
+            and batch is not self.labelled
+            and batch is not self.inputs
+        ):
+            whole, part = _label_count(self.labelled), _label_count(batch)
+            if whole:
+                num_items = num_items * (part / whole)
         with trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(self.model, dict(batch), num_items_in_batch=self.num_items_in_batch)
+            loss = trainer.compute_loss(self.model, dict(batch), num_items_in_batch=num_items)
         return loss if self._to_mean == 1 else loss * self._to_mean
 
     def loss_and_outputs(self, batch: dict | None = None, *, need_loss: bool = True):
@@ -137,7 +158,9 @@ class TrainingStep:
         """The distance `name` (kl, bernoulli, mse) between predictions of `batch` (default: the whole micro-batch),
         averaged over examples or real positions (`hf_adv.losses.divergence`)."""
         batch = self.inputs if batch is None else batch
-        return divergence(name, prediction_positions(batch, logits), symmetric=symmetric)
+        config = getattr(unwrap_model(self.model), "config", None)
+        decoder = bool(getattr(config, "is_encoder_decoder", False))
+        return divergence(name, prediction_positions(batch, logits, decoder), symmetric=symmetric)
 
     def resolve_divergence(self, setting: str, logits, batch: dict | None = None) -> str:
         """`setting` (auto, kl, bernoulli, mse) resolved from the model's config or, without one, the labels."""

@@ -33,7 +33,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from .arguments import AdversarialTrainingArguments
-from .embedding import EmbeddingTap, find_input_embedding, lookup_modules, unwrap_model
+from .embedding import EmbeddingTap, decoder_lookups, find_input_embedding, lookup_modules, unwrap_model
 from .losses import unlabelled_rows
 from .methods import AdversarialMethod, Regularizer
 from .step import TrainingStep, select_rows
@@ -261,6 +261,7 @@ class AdversarialMixin:
         if any(cls.uses_embedding for cls in classes):
             module, weight = find_input_embedding(model, args.adv_embedding_name, argument="adv_embedding_name")
             self.tap = EmbeddingTap(module, weight, lookup_modules(model, module, weight))
+            self.tap.decoder_modules = decoder_lookups(model, self.tap.modules)
         common = {"tap": self.tap, "attach": False, "embedding_argument": "adv_embedding_name"}
         for cls in classes:
             method = cls.from_args(model, args, **common)
@@ -379,6 +380,7 @@ class AdversarialMixin:
             num_items_in_batch=num_items_in_batch,
             accumulation=accumulation,
             loss_divisor=loss_divisor,
+            normalized_by_items=loss_divisor == 1 and self._loss_is_scaled_for_ga(num_items_in_batch),
             grad_scale=grad_scale,
             tap=self.tap,
             outputs_capture=self._outputs,
@@ -395,7 +397,7 @@ class AdversarialMixin:
         else:
             loss = step.loss()
         if self.tap is not None:
-            step.clean_shapes = self.tap.output_shapes()
+            step.clean_shapes, step.clean_is_decoder = self.tap.output_shapes(), self.tap.output_is_decoder()
         step.training_loss = loss.detach()
         step.hold(loss, retain_graph=any(r.needs_clean_graph for r in self.regularizers))
         self._record("clean_loss", loss)

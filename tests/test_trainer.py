@@ -271,21 +271,30 @@ def test_awp_waits_for_the_first_epoch_by_default(tmp_path):
     "overrides, message",
     [
         (dict(adv_method="fgn"), re.escape(f"adv_method='fgn' is not one of {list_methods()}")),
-        (dict(adv_epsilon=0.0), "adv_epsilon must be > 0, got 0.0"),
-        (dict(adv_epsilon=-1.0), "adv_epsilon must be > 0"),
+        (dict(adv_epsilon=0.0), "adv_epsilon must be a finite number > 0, got 0.0"),
+        (dict(adv_epsilon=-1.0), "adv_epsilon must be a finite number > 0"),
         (dict(adv_steps=0), "adv_steps must be >= 1, got 0"),
         (dict(vat_iterations=0), "vat_iterations must be >= 1"),
         (dict(vat_weight=-0.1), "vat_weight must be >= 0"),
-        (dict(awp_eps=0.0), "awp_eps must be > 0"),
+        (dict(awp_eps=0.0), "awp_eps must be a finite number > 0"),
         (dict(robust_eval_epsilons=[0.1, 0.0]), r"robust_eval_epsilons must all be > 0, got \[0.1, 0.0\]"),
         (dict(robust_eval_steps=0), "robust_eval_steps must be >= 1"),
         (dict(adv_method="fgm", adv_scope="sentence"), r"adv_scope='sentence' is not one of \['token', 'example'\]"),
-        (dict(adv_method="pgd", adv_scope="example", adv_fraction=0.5), r"adv_fraction=0.5 is for adv_method in \["),
+        (
+            dict(adv_method="pgd", adv_scope="example", adv_fraction=0.5),
+            r"adv_fraction=0.5 is read only by the methods \['fgm', 'fgsm'\]",
+        ),
         (dict(adv_fraction=0.0), r"adv_fraction must be in \(0, 1\], got 0.0"),
         (dict(adv_method="carry", adv_scope="example"), "token scope only"),
         (dict(adv_method="rdrop"), "set rdrop_weight > 0"),
         (dict(rdrop_weight=-1.0), "rdrop_weight must be >= 0"),
-        (dict(adv_method="freelb", rdrop_weight=1.0), "needs freelb_clean_loss=True"),
+        (dict(adv_method="freelb", rdrop_weight=1.0), "runs no clean pass unless freelb_clean_loss=True"),
+        (dict(adv_method="carry", rdrop_weight=1.0), "adv_method='carry' runs no clean pass. Set rdrop_weight=0."),
+        (dict(adv_method="awp", adv_scope="example"), r"adv_scope='example' is read only by the methods \['fgm'"),
+        (dict(adv_method="pgd", adv_init_mag=0.1), r"adv_init_mag=0.1 is read only by the methods \['freelb'\]"),
+        (dict(vat_epsilon=2.0), "vat_epsilon=2.0 is read only by"),
+        (dict(adv_epsilon=float("inf")), "adv_epsilon must be a finite number > 0, got inf"),
+        (dict(rdrop_weight=float("inf")), "rdrop_weight must be finite"),
         (dict(adv_method="freelb", adv_init_mag=-0.1), "adv_init_mag must be >= 0"),
     ],
 )
@@ -309,8 +318,8 @@ def test_arguments_parse_from_command_line(tmp_path):
             "5",
             "--vat_weight",
             "0.5",
-            "--awp_param_pattern",
-            "encoder",
+            "--adv_scope",
+            "example",
             "--adv_start_epoch",
             "0.5",
             "--robust_eval_epsilons",
@@ -322,7 +331,7 @@ def test_arguments_parse_from_command_line(tmp_path):
     )
     assert (args.adv_method, args.adv_epsilon, args.adv_steps, args.vat_weight) == ("pgd", 0.7, 5, 0.5)
     assert args.robust_eval_epsilons == [0.1, 0.5]
-    assert (args.awp_param_pattern, args.adv_start_epoch) == ("encoder", 0.5)
+    assert (args.adv_scope, args.adv_start_epoch) == ("example", 0.5)
 
 
 def test_model_without_input_embeddings_fails_at_construction(tmp_path):

@@ -48,6 +48,7 @@ class AWP(AdversarialMethod):
     """
 
     name = "awp"
+    own_flags = ("awp_lr", "awp_eps", "awp_param_pattern", "awp_discard_clean_grad")
     uses_embedding = False
     moves_weights = True
     # AWP from the first step, on a fresh classifier head, can destroy fine-tuning: train clean for an epoch.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..embedding import EmbeddingTap, find_input_embedding, lookup_modules
+from ..embedding import EmbeddingTap, decoder_lookups, find_input_embedding, lookup_modules
 
 
 @dataclass
@@ -65,6 +65,9 @@ class Method:
     default_start_epoch: float = 0.0
     metrics: tuple[str, ...] = ()
     summed_metrics: tuple[str, ...] = ()
+    # Flags of `AdversarialTrainingArguments` that only this method (and others declaring them) reads: setting one
+    # while none of its methods is configured is refused, as it would be silently ignored.
+    own_flags: tuple[str, ...] = ()
 
     @classmethod
     def args_kwargs(cls, args) -> dict:
@@ -97,6 +100,7 @@ class Method:
         if tap is None:
             module, weight = find_input_embedding(model, embedding_name, argument=embedding_argument)
             tap = EmbeddingTap(module, weight, lookup_modules(model, module, weight))
+            tap.decoder_modules = decoder_lookups(model, tap.modules)
             if attach:
                 tap.attach()
         return tap
@@ -148,6 +152,14 @@ class AdversarialMethod(Method):
     summed_metrics = ("adv_skipped",)
     # Whether the step runs the clean pass (FreeLB without its clean loss trains on perturbed passes only).
     trains_clean_pass: bool = True
+    # The flag that makes `runs_clean_pass` true, if any (named in refusals).
+    clean_pass_flag: str = ""
+
+    @classmethod
+    def runs_clean_pass(cls, args) -> bool:
+        """Whether the step runs the clean pass with these flags (a regularizer that compares with it needs it)."""
+        return cls.trains_clean_pass
+
     # Whether the clean backward runs before `train_step` (FGM needs the clean gradient for its direction); when False
     # the clean loss is back-propagated with the method's first backward, one backward through two graphs.
     needs_clean_gradient: bool = True

@@ -81,7 +81,7 @@ class FGM(AdversarialMethod):
 
     name = "fgm"
 
-    supports_fraction = True
+    own_flags = ("adv_scope", "adv_fraction")
 
     def __init__(
         self, model: nn.Module, epsilon: float = 1.0, *, scope: str = "token", fraction: float = 1.0, **kwargs

@@ -24,6 +24,7 @@ class FGSM(FGM):
     """
 
     name = "fgsm"
+    own_flags = ("adv_scope", "adv_fraction")
 
     def step(self, grad: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         return self.epsilon * grad.sign()

@@ -44,6 +44,8 @@ class FreeLB(AdversarialMethod):
     """
 
     name = "freelb"
+    own_flags = ("adv_init_mag", "adv_max_norm", "freelb_clean_loss")
+    clean_pass_flag = "freelb_clean_loss"
     # With `clean_loss`, the clean pass is back-propagated before the K passes: holding its graph for one backward
     # with the first pass would keep two graphs alive (+0.55 GB peak on MiniLM 16 x 128) for no saving.
     needs_clean_gradient = True
@@ -83,12 +85,8 @@ class FreeLB(AdversarialMethod):
         }
 
     @classmethod
-    def check_args(cls, args) -> None:
-        if getattr(args, "rdrop_weight", 0) > 0 and not args.freelb_clean_loss:
-            raise ValueError(
-                f"rdrop_weight={args.rdrop_weight} with adv_method='freelb' needs freelb_clean_loss=True: R-Drop "
-                "compares the clean pass with a second dropout pass, and FreeLB runs no clean pass without it."
-            )
+    def runs_clean_pass(cls, args) -> bool:
+        return bool(args.freelb_clean_loss)
 
     @classmethod
     def describe(cls, args) -> str:
@@ -116,7 +114,8 @@ class FreeLB(AdversarialMethod):
         masks: list[torch.Tensor | None] | None = None
 
         def start(index: int, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-            deltas.append(self.initial_delta(output, lookup_masks(batch, [output.shape])[0]))
+            decoder = tap.is_decoder(tap.current_module)
+            deltas.append(self.initial_delta(output, lookup_masks(batch, [output.shape], [decoder])[0]))
             return deltas[-1]
 
         total = None

@@ -43,6 +43,7 @@ class PGD(AdversarialMethod):
     """
 
     name = "pgd"
+    own_flags = ("adv_scope",)
 
     def __init__(
         self,

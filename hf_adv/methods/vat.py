@@ -47,6 +47,7 @@ class VAT(Regularizer):
     """
 
     name = "vat"
+    own_flags = ("vat_epsilon", "vat_xi", "vat_iterations", "vat_divergence")
     weight_field = "vat_weight"
     metrics = ("vat_loss", "vat_skipped")
     summed_metrics = ("vat_skipped",)
@@ -150,13 +151,13 @@ class VAT(Regularizer):
         """`weight * LDS` over the whole micro-batch (unlabelled rows included), or None when power iteration gave
         no direction (logged as `vat_skipped`)."""
         inputs = step.inputs
-        clean_outputs, shapes = step.clean_outputs, step.clean_shapes
+        clean_outputs, shapes, decoder = step.clean_outputs, step.clean_shapes, step.clean_is_decoder
         if clean_outputs is None or step.labelled is not inputs:
             # Unlabelled rows (or no clean pass): clean predictions of the whole batch, without a graph.
             self.tap.reset()
             with torch.no_grad():
                 clean_outputs = step.outputs(inputs)
-            shapes = self.tap.output_shapes()
+            shapes, decoder = self.tap.output_shapes(), self.tap.output_is_decoder()
             self.tap.reset()
         clean_logits = detach(find_logits(clean_outputs))
         if self.resolved_divergence is None:
@@ -167,7 +168,7 @@ class VAT(Regularizer):
             return step.logits(inputs)
 
         r_adv = self.adversarial_direction(
-            forward, clean_logits, shapes, distance, step.grad_scale, lookup_masks(inputs, shapes)
+            forward, clean_logits, shapes, distance, step.grad_scale, lookup_masks(inputs, shapes, decoder)
         )
         step.record("vat_skipped", float(r_adv is None))
         if r_adv is None:
