@@ -29,7 +29,6 @@ import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
-
 logger = logging.getLogger(__name__)
 
 # Local formats, by file extension (after any compression suffix).
