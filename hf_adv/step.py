@@ -72,14 +72,12 @@ class TrainingStep:
         *,
         num_items_in_batch=None,
         accumulation: int = 1,
-        loss_divisor: int = 1,
-        normalized_by_items: bool = False,
+        loss_is_scaled: bool = False,
         grad_scale: float = 1.0,
         tap: EmbeddingTap | None = None,
         outputs_capture=None,
         backward: Callable[[torch.Tensor, bool, bool], None],
         record: Callable[[str, torch.Tensor | float | None], None],
-        optimizer=None,
     ):
         self.trainer = trainer
         self.model = model
@@ -87,14 +85,13 @@ class TrainingStep:
         self.labelled = labelled
         self.num_items_in_batch = num_items_in_batch
         self.accumulation = accumulation
-        # A loss normalised by `num_items_in_batch` is `mean / accumulation`; a per-micro-batch mean is the mean.
-        self._to_mean = accumulation / loss_divisor
-        # The loss code divides by `num_items_in_batch` (a token-level loss, `compute_loss_func`): a pass on some of
-        # the rows gets a count scaled to those rows, so that its loss is their mean.
-        self._normalized_by_items = normalized_by_items
+        # `loss_is_scaled`: the loss code divides by `num_items_in_batch` (a token-level loss, `compute_loss_func`),
+        # so its loss is `mean / accumulation`, and a pass on some of the rows gets a count scaled to those rows, so
+        # that its loss is their mean; otherwise the loss is the micro-batch mean.
+        self._to_mean = accumulation if loss_is_scaled else 1
+        self._normalized_by_items = loss_is_scaled
         self.grad_scale = grad_scale
         self.tap = tap
-        self.optimizer = optimizer
         self._capture = outputs_capture
         self._backward = backward
         self._record = record

@@ -356,7 +356,6 @@ class AdversarialMixin:
 
     def _training_step_context(self, model: nn.Module, inputs: dict, num_items_in_batch) -> TrainingStep:
         accumulation = self.current_gradient_accumulation_steps
-        loss_divisor = 1 if self._loss_is_scaled_for_ga(num_items_in_batch) else accumulation
         # The Trainer wants this micro-batch's backward to all-reduce (the last of an accumulation window under DDP).
         wants_sync = isinstance(model, DistributedDataParallel) and model.require_backward_grad_sync
         # Directions are computed from gradients under the fp16 loss scale: they do not depend on it, and scaling
@@ -379,14 +378,12 @@ class AdversarialMixin:
             self._labelled_rows(inputs),
             num_items_in_batch=num_items_in_batch,
             accumulation=accumulation,
-            loss_divisor=loss_divisor,
-            normalized_by_items=loss_divisor == 1 and self._loss_is_scaled_for_ga(num_items_in_batch),
+            loss_is_scaled=self._loss_is_scaled_for_ga(num_items_in_batch),
             grad_scale=grad_scale,
             tap=self.tap,
             outputs_capture=self._outputs,
             backward=backward,
             record=self._record,
-            optimizer=self.optimizer,
         )
         step.wants_sync = wants_sync
         return step
