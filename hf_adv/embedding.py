@@ -404,8 +404,7 @@ class EmbeddingTap:
 # -- per-example geometry of embedding outputs (example scope, VAT, FreeLB, the robustness attacks) ------------------
 def normalize_per_example(d: torch.Tensor) -> torch.Tensor:
     """Scale each example (first dimension) of `d` to unit L2 norm over all its other dimensions (0 stays 0)."""
-    norms = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return d / norms.view(-1, *([1] * (d.dim() - 1)))
+    return normalize_lookups([d])[0]
 
 
 def example_norms(ds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -418,8 +417,9 @@ def example_norms(ds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [joint] * len(ds)
 
 
-def _per_row(scale: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    return scale.view(-1, *([1] * (d.dim() - 1)))
+def _per_row(scale: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor | float:
+    """`scale` (a float, or one value per example) shaped to multiply the rows of `d`."""
+    return scale.view(-1, *([1] * (d.dim() - 1))) if isinstance(scale, torch.Tensor) else scale
 
 
 def normalize_lookups(ds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -428,9 +428,25 @@ def normalize_lookups(ds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [d / _per_row(n.clamp_min(1e-12), d) for d, n in zip(ds, example_norms(ds))]
 
 
-def project_lookups(ds: Sequence[torch.Tensor], epsilon: float) -> list[torch.Tensor]:
-    """Project each example onto the L2 ball of radius `epsilon` (over its lookups together)."""
+def project_lookups(ds: Sequence[torch.Tensor], epsilon: float | torch.Tensor) -> list[torch.Tensor]:
+    """Project each example onto the L2 ball of radius `epsilon` (a float, or one radius per example) over its
+    lookups together."""
     return [d * _per_row((epsilon / n.clamp_min(1e-12)).clamp(max=1.0), d) for d, n in zip(ds, example_norms(ds))]
+
+
+def ascent_step(
+    deltas: Sequence[torch.Tensor] | None,
+    directions: Sequence[torch.Tensor],
+    alpha: float | torch.Tensor,
+    epsilon: float | torch.Tensor,
+) -> list[torch.Tensor]:
+    """One PGD step in example scope (Madry et al., ICLR 2018): `deltas + alpha * directions`, projected onto the L2
+    ball of radius `epsilon` per example (`alpha` and `epsilon`: floats, or one value per example). `directions` are
+    the normalized gradients (`normalize_lookups`); `deltas=None` starts from zero. The step of example-scope PGD
+    training and of the robustness evaluation's PGD."""
+    steps = [_per_row(alpha, g) * g for g in directions]
+    moved = steps if deltas is None else [d + s for d, s in zip(deltas, steps)]
+    return project_lookups(moved, epsilon)
 
 
 def mask_lookups(ds: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:

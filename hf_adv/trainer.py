@@ -36,6 +36,7 @@ from .arguments import AdversarialTrainingArguments
 from .embedding import EmbeddingTap, decoder_lookups, find_input_embedding, lookup_modules, unwrap_model
 from .losses import unlabelled_rows
 from .methods import AdversarialMethod, Regularizer
+from .robustness import adversarial_accuracy
 from .step import TrainingStep, select_rows
 
 logger = logging.get_logger(__name__)
@@ -449,10 +450,6 @@ class AdversarialMixin:
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         epsilons = self.args.robust_eval_epsilons
         if epsilons and description == "Evaluation":
-            # Imported here: a module-level import would make `python -m hf_adv.robustness` warn that the module was
-            # imported (through `hf_adv`) before it ran.
-            from .robustness import adversarial_accuracy
-
             attacked = adversarial_accuracy(
                 self.model,
                 dataloader,

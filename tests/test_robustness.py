@@ -282,7 +282,7 @@ def test_cli_runs_as_a_module_without_warnings():
 
 
 def test_plot_title_names_only_the_attacks_shown():
-    from hf_adv.robustness import _plot_title
+    from hf_adv.robustness.report import _plot_title
 
     pgd_only = {"m": {"clean_accuracy": 0.8, "pgd_accuracy@0.1": 0.6, "pgd_steps": 5}}
     both = {"m": {**pgd_only["m"], "fgm_accuracy@0.1": 0.7}}

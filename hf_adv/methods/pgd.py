@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ..embedding import project_lookups
+from ..embedding import ascent_step
 from .base import AdversarialMethod, AttackResult, is_usable_norm, register_method
 from .fgm import check_scope, example_directions
 
@@ -99,9 +99,7 @@ class PGD(AdversarialMethod):
                 directions, usable = example_directions(grads, masks)
                 if not usable:
                     break  # keep the perturbation reached so far (none on the first step)
-                steps = [self.alpha * d for d in directions]
-                deltas = steps if deltas is None else [a + b for a, b in zip(deltas, steps)]
-                deltas = project_lookups(deltas, self.epsilon)
+                deltas = ascent_step(deltas, directions, self.alpha, self.epsilon)
                 if step < self.steps - 1:
                     tap.reset()
                     with torch.enable_grad(), tap.shifted(deltas):
