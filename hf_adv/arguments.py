@@ -149,6 +149,28 @@ class AdversarialTrainingArguments(TrainingArguments):
             "error for regression); the second pass's supervised loss is added too, as in the paper. 0 disables."
         },
     )
+    # -- defensive distillation -------------------------------------------------------------------------------------
+    distill_teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Defensive distillation (Papernot et al., IEEE S&P 2016): the folder of a trained classifier with "
+            "the same labels (loaded with the model's class); the model is trained on its predictions softened at "
+            "distill_temperature, and used at temperature 1. Combinable with every method: each pass's loss "
+            "becomes the distillation loss. Default: no distillation."
+        },
+    )
+    distill_temperature: float = field(
+        default=20.0,
+        metadata={
+            "help": "Distillation: temperature T of the teacher's and the model's softmax (per-label sigmoids for "
+            "multi-label) in training; the soft loss is multiplied by T^2 (Hinton et al. 2015). 20 is Papernot et "
+            "al.'s value."
+        },
+    )
+    distill_hard_weight: float = field(
+        default=0.0,
+        metadata={"help": "Distillation: weight of the loss on the true labels added to the soft loss (0: none)."},
+    )
     # -- robustness in evaluate() -----------------------------------------------------------------------------------
     robust_eval_epsilons: list[float] | None = field(
         default=None,
@@ -221,6 +243,10 @@ class AdversarialTrainingArguments(TrainingArguments):
             raise ValueError(f"adv_start_epoch must be >= 0, got {self.adv_start_epoch}.")
         if self.adv_start_step < 0:
             raise ValueError(f"adv_start_step must be >= 0, got {self.adv_start_step}.")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ValueError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}.")
+        if not (self.distill_hard_weight >= 0 and math.isfinite(self.distill_hard_weight)):
+            raise ValueError(f"distill_hard_weight must be a finite number >= 0, got {self.distill_hard_weight}.")
         configured = self.configured_methods()
         for cls, _ in configured:
             cls.check_args(self)

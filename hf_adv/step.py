@@ -76,6 +76,7 @@ class TrainingStep:
         grad_scale: float = 1.0,
         tap: EmbeddingTap | None = None,
         outputs_capture=None,
+        distillation=None,
         backward: Callable[[torch.Tensor, bool, bool], None],
         record: Callable[[str, torch.Tensor | float | None], None],
     ):
@@ -93,6 +94,7 @@ class TrainingStep:
         self.grad_scale = grad_scale
         self.tap = tap
         self._capture = outputs_capture
+        self.distillation = distillation
         self._backward = backward
         self._record = record
         self.clean_outputs = None
@@ -105,10 +107,20 @@ class TrainingStep:
         self.synced = False
 
     # -- the user's loss code ----------------------------------------------------------------------------------------
-    def loss(self, batch: dict | None = None) -> torch.Tensor:
+    def loss(self, batch: dict | None = None, *, distill: bool = True) -> torch.Tensor:
         """The user's `compute_loss` on a shallow copy of `batch` (default: the labelled rows), as a mean over the
-        micro-batch."""
+        micro-batch. With distillation (and `distill`), the distillation loss of the same forward instead, the
+        user's loss weighted by `distill_hard_weight` in it."""
         batch = self.labelled if batch is None else batch
+        if distill and self.distillation is not None:
+            with self._capture.capturing() as capture:
+                hard = self.loss(batch, distill=False)
+            if capture.outputs is None:
+                raise ValueError(
+                    "Distillation needs the model's logits, but `compute_loss` did not call the model given to the "
+                    f"trainer ({type(unwrap_model(self.model)).__name__})."
+                )
+            return self.distillation.loss(find_logits(capture.outputs), batch, hard)
         trainer = self.trainer
         num_items = self.num_items_in_batch
         if (
@@ -134,7 +146,7 @@ class TrainingStep:
         if self._capture is None:
             raise RuntimeError("This trainer captures no model outputs: no configured method asked for them.")
         with self._capture.capturing() as capture:
-            loss = self.loss(batch)
+            loss = self.loss(batch, distill=need_loss)
         if capture.outputs is None:
             raise ValueError(
                 "The regularizer needs the model's predictions, but `compute_loss` did not call the model given to "
@@ -146,7 +158,7 @@ class TrainingStep:
     def outputs(self, batch: dict | None = None):
         """The model's outputs when the user's loss code runs on (a copy of) `batch` (default: the whole
         micro-batch); its loss is not used."""
-        return self.loss_and_outputs(self.inputs if batch is None else batch)[1]
+        return self.loss_and_outputs(self.inputs if batch is None else batch, need_loss=False)[1]
 
     def logits(self, batch: dict | None = None):
         return find_logits(self.outputs(batch))
@@ -173,12 +185,14 @@ class TrainingStep:
         clean graph after that backward, for a later term that differentiates through it (R-Drop)."""
         self._pending, self._retain_pending = loss, retain_graph
 
-    def flush(self) -> None:
-        """Back-propagate a held loss now (a method needs its gradient before its own passes)."""
+    def flush(self, *, sync: bool = False) -> None:
+        """Back-propagate a held loss now (a method needs its gradient before its own passes). `sync`: this is the
+        step's last backward, which runs the DDP all-reduce."""
         if self._pending is not None:
             loss, retain = self._pending, self._retain_pending
             self._pending = None
-            self._backward(loss / self.accumulation, False, retain)
+            self._backward(loss / self.accumulation, sync, retain)
+            self.synced = self.synced or sync
 
     def backward(self, loss: torch.Tensor, *, final: bool = True) -> None:
         """Back-propagate `loss / gradient_accumulation_steps` (with a held clean loss). `final`: the method's last

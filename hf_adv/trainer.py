@@ -33,6 +33,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from .arguments import AdversarialTrainingArguments
+from .distillation import Distillation
 from .embedding import EmbeddingTap, decoder_lookups, find_input_embedding, lookup_modules, unwrap_model
 from .losses import unlabelled_rows
 from .methods import AdversarialMethod, Regularizer
@@ -84,11 +85,12 @@ class _OutputCapture:
 
     @contextlib.contextmanager
     def capturing(self):
+        previous = self.active
         self.active, self.outputs = True, None
         try:
             yield self
         finally:
-            self.active = False
+            self.active = previous
 
     def remove(self) -> None:
         self._handle.remove()
@@ -181,7 +183,14 @@ class AdversarialMixin:
             on weights too coarse for `awp_eps`, a model without an input embedding.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: AdversarialTrainingArguments | None = None, *a, **kw):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: AdversarialTrainingArguments | None = None,
+        *a,
+        teacher_model: nn.Module | None = None,
+        **kw,
+    ):
         if args is None:
             args = AdversarialTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, AdversarialTrainingArguments):
@@ -204,6 +213,8 @@ class AdversarialMixin:
         self.adversary: AdversarialMethod | None = None
         self.regularizers: list[Regularizer] = []
         self.tap: EmbeddingTap | None = None
+        # Defensive distillation (`distill_teacher`, or a `teacher_model` module): every pass's loss becomes it.
+        self.distillation = Distillation.from_args(self.model, args, teacher_model)
         self._outputs: _OutputCapture | None = None
         self._methods_model: nn.Module | None = None
         self._build_methods(self.model)
@@ -218,6 +229,12 @@ class AdversarialMixin:
     # -- set-up ------------------------------------------------------------------------------------------------------
     def _check_supported(self) -> None:
         args = self.args
+        if args.distill_teacher and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            engine = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+            raise ValueError(
+                f"distill_teacher={args.distill_teacher!r}: the teacher is not sharded with {engine}, and "
+                "distillation is not supported with it. Use DDP (`accelerate launch --multi_gpu`) or one device."
+            )
         if not args.adversarial:
             return
         described = args.describe_methods()
@@ -270,7 +287,11 @@ class AdversarialMixin:
                 self.adversary = method
             else:
                 self.regularizers.append(method)
-        if self.regularizers or (self.adversary is not None and not self.adversary.trains_clean_pass):
+        if (
+            self.regularizers
+            or (self.adversary is not None and not self.adversary.trains_clean_pass)
+            or self.distillation is not None
+        ):
             self._outputs = _OutputCapture(extract_model_from_parallel(model, keep_fp32_wrapper=True))
         if any(r.needs_clean_graph for r in self.regularizers) and self.adversary is not None:
             _allow_retained_compiled_graphs()
@@ -310,8 +331,8 @@ class AdversarialMixin:
 
     # -- the training step -------------------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None, *args, **kwargs) -> torch.Tensor:
-        active = self.args.adversarial and self._attack_active()
-        if not active:
+        attacking = self.args.adversarial and self._attack_active()
+        if not attacking and self.distillation is None:
             if _PARENT_SUMS_MICRO_BATCHES and self.args.gradient_accumulation_steps > 1:
                 return self._clean_training_step(model, inputs, num_items_in_batch)
             return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
@@ -323,14 +344,15 @@ class AdversarialMixin:
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         step = self._training_step_context(model, inputs, num_items_in_batch)
-        adversary = self.adversary if step.labelled is not None else None
-        components = [c for c in (adversary, *self.regularizers) if c is not None]
+        adversary = self.adversary if step.labelled is not None and attacking else None
+        regularizers = self.regularizers if attacking else []
+        components = [c for c in (adversary, *regularizers) if c is not None]
         tap_context = self.tap.attached() if self.tap is not None else contextlib.nullcontext()
         method_context = adversary.capture() if adversary is not None else contextlib.nullcontext()
         with self.accelerator.no_sync(model), tap_context, method_context:
             # 1. The clean pass (held, to be back-propagated with the next term unless a method needs its gradient).
             if step.labelled is not None and (adversary is None or adversary.trains_clean_pass):
-                self._clean_pass(step)
+                self._clean_pass(step, retain=any(r.needs_clean_graph for r in regularizers))
             # 2. The perturbation's passes.
             if adversary is not None:
                 if adversary.needs_clean_gradient:
@@ -338,12 +360,12 @@ class AdversarialMixin:
                 with step.component(final=components[-1] is adversary):
                     adversary.train_step(step)
             # 3. The regularizers' terms.
-            for regularizer in self.regularizers:
+            for regularizer in regularizers:
                 with step.component(final=components[-1] is regularizer):
                     term = regularizer.term(step)
                     if term is not None:
                         step.backward(term)
-            step.flush()
+            step.flush(sync=not components)  # with no component after it, the clean pass runs the all-reduce
             if step.wants_sync and not step.synced:
                 # Every attack of this step was skipped: one cheap zero backward still runs the all-reduce that
                 # the other ranks are waiting for.
@@ -383,13 +405,14 @@ class AdversarialMixin:
             grad_scale=grad_scale,
             tap=self.tap,
             outputs_capture=self._outputs,
+            distillation=self.distillation,
             backward=backward,
             record=self._record,
         )
         step.wants_sync = wants_sync
         return step
 
-    def _clean_pass(self, step: TrainingStep) -> None:
+    def _clean_pass(self, step: TrainingStep, retain: bool) -> None:
         if self._outputs is not None:
             loss, step.clean_outputs = step.loss_and_outputs()
         else:
@@ -397,7 +420,7 @@ class AdversarialMixin:
         if self.tap is not None:
             step.clean_shapes, step.clean_is_decoder = self.tap.output_shapes(), self.tap.output_is_decoder()
         step.training_loss = loss.detach()
-        step.hold(loss, retain_graph=any(r.needs_clean_graph for r in self.regularizers))
+        step.hold(loss, retain_graph=retain)
         self._record("clean_loss", loss)
 
     if _TRANSFORMERS_VERSION < (4, 47):
@@ -471,7 +494,7 @@ class AdversarialMixin:
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Merge the adversarial metrics into the training logs, reduced over processes, then log as the parent."""
-        if "loss" in logs and self.args.adversarial:
+        if "loss" in logs and (self.args.adversarial or self.distillation is not None):
             # Every rank reduces the same fixed-size tensors, whatever it recorded, so no rank waits on another.
             device = self.args.device
             names = self._metric_names

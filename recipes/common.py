@@ -572,8 +572,22 @@ class RobustnessReportArguments:
         },
     )
 
+    robustness_attack_loss: list[str] = field(
+        default_factory=lambda: ["ce"],
+        metadata={
+            "help": "What the report's attacks maximize, one evaluation per value: ce (the model's loss) or margin "
+            "(the logit difference, which defensive distillation's saturated softmax does not hide). With both, "
+            "each is a row of robustness.md, named 'name (loss attack)'."
+        },
+    )
+
     def __post_init__(self):
-        from hf_adv.robustness import ATTACKS
+        from hf_adv.robustness import ATTACK_LOSSES, ATTACKS
+
+        if not self.robustness_attack_loss or set(self.robustness_attack_loss) - set(ATTACK_LOSSES):
+            raise RecipeError(
+                f"--robustness_attack_loss: {self.robustness_attack_loss} must be values of {list(ATTACK_LOSSES)}."
+            )
 
         if any(not epsilon > 0 for epsilon in self.robustness_epsilons):
             raise RecipeError(f"--robustness_epsilons must all be > 0, got {self.robustness_epsilons}.")
@@ -606,21 +620,25 @@ def robustness_report(
     if args.robustness_max_samples is not None and args.robustness_max_samples < len(frame):
         frame = frame.sample(n=args.robustness_max_samples, random_state=seed)
     rows = [{"text": text, "label": label} for text, label in zip(frame["text"], frame[label_column])]
-    metrics = evaluate_robustness(
-        trainer.model,
-        rows,
-        trainer.processing_class,
-        max_length=max_length,
-        batch_size=trainer.args.per_device_eval_batch_size,
-        epsilons=args.robustness_epsilons,
-        attacks=args.robustness_attacks,
-        embedding_name=trainer.args.adv_embedding_name,
-        seed=seed,
-        disable_tqdm=trainer.args.disable_tqdm,
-        description=f"robustness of {name}",
-    )
-    write_report({name: metrics}, trainer.args.output_dir)
-    return metrics
+    results = {}
+    for attack_loss in args.robustness_attack_loss:
+        row = name if len(args.robustness_attack_loss) == 1 else f"{name} ({attack_loss} attack)"
+        results[row] = evaluate_robustness(
+            trainer.model,
+            rows,
+            trainer.processing_class,
+            max_length=max_length,
+            batch_size=trainer.args.per_device_eval_batch_size,
+            epsilons=args.robustness_epsilons,
+            attacks=args.robustness_attacks,
+            attack_loss=attack_loss,
+            embedding_name=trainer.args.adv_embedding_name,
+            seed=seed,
+            disable_tqdm=trainer.args.disable_tqdm,
+            description=f"robustness of {row}",
+        )
+    write_report(results, trainer.args.output_dir)
+    return next(iter(results.values()))
 
 
 def describe_robustness(metrics: dict, metric: str = "accuracy") -> str:

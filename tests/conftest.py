@@ -77,14 +77,15 @@ def training_args(tmp_path, cls=AdversarialTrainingArguments, **overrides):
     return cls(**defaults)
 
 
-def make_trainer(tmp_path, model=None, dataset=None, plain: bool = False, **overrides):
+def make_trainer(tmp_path, model=None, dataset=None, plain: bool = False, teacher=None, **overrides):
     model = model if model is not None else tiny_model()
     dataset = dataset if dataset is not None else make_dataset()
     if plain:
         return Trainer(
             model=model, args=training_args(tmp_path, TrainingArguments, **overrides), train_dataset=dataset
         )
-    return AdversarialTrainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=dataset)
+    extra = {"teacher_model": teacher} if teacher is not None else {}
+    return AdversarialTrainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=dataset, **extra)
 
 
 def grads(model) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ attack keeps to words and to its budget, and evaluation leaves the model as it f
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -303,3 +304,38 @@ def test_table_footnote_gives_the_units_of_the_columns_it_has():
     full = {"m": {**grid["m"], "metric": "accuracy", "min_perturbation_mean": 0.3, "word_attack_success_rate": 0.8}}
     footnote = markdown_table(full).strip().splitlines()[-1]
     assert footnote.startswith("Accuracy, success rates and tokens changed in %; epsilon and minimal perturbation")
+
+
+def test_margin_loss_is_the_logit_difference():
+    from hf_adv.robustness import margin_loss
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
+    # Row 1: true class 0, best other 0.5 -> -1.5; row 2: true class 2, best other 3.0 -> 2.0.
+    assert margin_loss(logits, torch.tensor([0, 2]), multi_label=False).item() == pytest.approx(0.5)
+    multi = torch.tensor([[2.0, -1.0]])
+    # -z for the true label 0, +z for the false label 1: -2 - 1.
+    assert margin_loss(multi, torch.tensor([[1.0, 0.0]]), multi_label=True).item() == pytest.approx(-3.0)
+
+
+def test_margin_attack_sees_through_a_saturated_softmax(trained, tokenizer):
+    """Defensive distillation's effect, made extreme: logits scaled by 1e4 saturate the softmax, so the cross-entropy
+    has no gradient on confidently classified examples and PGD on it finds nothing, while PGD on the margin is not
+    fooled (Carlini and Wagner 2016): the same model, the same radius, lower accuracy under the margin attack."""
+    saturated = copy.deepcopy(trained)
+    with torch.no_grad():
+        saturated.classifier.weight.mul_(1e4)
+        saturated.classifier.bias.mul_(1e4)
+    rows = synthetic_rows(64, seed=3)
+    kwargs = dict(epsilons=[0.5], attacks=["pgd"], disable_tqdm=True, max_length=16)
+    original = evaluate_robustness(trained, rows, tokenizer, **kwargs)
+    ce = evaluate_robustness(saturated, rows, tokenizer, attack_loss="ce", **kwargs)
+    margin = evaluate_robustness(saturated, rows, tokenizer, attack_loss="margin", **kwargs)
+    assert ce["clean_accuracy"] == margin["clean_accuracy"] == original["clean_accuracy"]
+    assert original["pgd_accuracy@0.5"] < original["clean_accuracy"]  # the radius does fool the unscaled model
+    assert ce["pgd_accuracy@0.5"] > original["pgd_accuracy@0.5"]  # the saturated softmax hides the gradient
+    # The margin does not care about the scale (for two classes its direction is the unscaled cross-entropy's).
+    assert margin["pgd_accuracy@0.5"] < ce["pgd_accuracy@0.5"]
+    assert margin["pgd_accuracy@0.5"] == pytest.approx(original["pgd_accuracy@0.5"], abs=2 / 64)
+    assert margin["attack_loss"] == "margin" and ce["attack_loss"] == "ce"
+    with pytest.raises(ValueError, match="attack_loss='hinge' is not one of"):
+        RobustnessEvaluator(trained, attack_loss="hinge")

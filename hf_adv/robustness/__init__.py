@@ -48,7 +48,7 @@ set), `api` (the function API), `data` (batches in), `report` (table, plot, JSON
 from __future__ import annotations
 
 from .api import adversarial_accuracy, evaluate_robustness, load_model
-from .core import LABEL_KEYS, epsilon_key
+from .core import ATTACK_LOSSES, LABEL_KEYS, epsilon_key, margin_loss
 from .data import build_dataloader, load_rows
 from .evaluator import ATTACKS, RobustnessEvaluator
 from .report import markdown_table, plot_accuracy, read_results, write_report
@@ -56,6 +56,7 @@ from .word import WordAttackResult
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_LOSSES",
     "LABEL_KEYS",
     "RobustnessArguments",
     "RobustnessEvaluator",
@@ -68,6 +69,7 @@ __all__ = [
     "load_model",
     "load_rows",
     "main",
+    "margin_loss",
     "markdown_table",
     "plot_accuracy",
     "read_results",

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .api import evaluate_robustness, load_model
+from .core import ATTACK_LOSSES
 from .data import load_rows
 from .evaluator import ATTACKS
 from .report import markdown_table, read_results, write_report
@@ -84,6 +85,14 @@ class RobustnessArguments:
         metadata={"help": "Word attack: tokens changed per example, a fraction if < 1 (at least 1), else a count."},
     )
     word_neighbours: int = field(default=20, metadata={"help": "Word attack: nearest tokens tried per position."})
+    attack_loss: list[str] = field(
+        default_factory=lambda: ["ce"],
+        metadata={
+            "help": "What the attacks maximize, one evaluation per value: ce (the model's cross-entropy, BCE for "
+            "multi-label) or margin (the logit difference of Carlini and Wagner, which a saturated softmax does not "
+            "hide: evaluate a distilled model with both). With several, each row is named 'model (loss attack)'."
+        },
+    )
     # -- output ---------------------------------------------------------------------------------------------------
     output_dir: str = field(default="robustness", metadata={"help": "Where robustness.{json,md,png} are written."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
@@ -95,6 +104,8 @@ class RobustnessArguments:
             raise ValueError("--dataset is needed to evaluate models.")
         if not self.model_paths and not self.results:
             raise ValueError("Nothing to do: pass --model_paths (with --dataset) and/or --results.")
+        if not self.attack_loss or set(self.attack_loss) - set(ATTACK_LOSSES):
+            raise ValueError(f"--attack_loss: {self.attack_loss} must be values of {list(ATTACK_LOSSES)}.")
         unknown = sorted(set(self.attacks) - set(ATTACKS))
         if unknown:
             raise ValueError(f"Unknown attacks {unknown}; valid names are {list(ATTACKS)}.")
@@ -143,20 +154,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     for name, path in zip(names, args.model_paths):
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or path)
         model = load_model(path, device)
-        metrics = evaluate_robustness(
-            model,
-            rows,
-            tokenizer,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            description=name,
-            **args.evaluator_kwargs(),
-        )
-        metrics["model"] = path
-        metrics["settings"] = settings
-        results[name] = metrics
+        for attack_loss in args.attack_loss:
+            row = name if len(args.attack_loss) == 1 else f"{name} ({attack_loss} attack)"
+            metrics = evaluate_robustness(
+                model,
+                rows,
+                tokenizer,
+                text_column=args.text_column,
+                label_column=args.label_column,
+                max_length=args.max_length,
+                batch_size=args.batch_size,
+                description=row,
+                attack_loss=attack_loss,
+                **args.evaluator_kwargs(),
+            )
+            metrics["model"] = path
+            metrics["settings"] = settings
+            results[row] = metrics
         del model
     paths = write_report(results, args.output_dir)
     print(markdown_table(results))

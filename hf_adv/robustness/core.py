@@ -25,6 +25,27 @@ def select_rows(inputs: dict[str, torch.Tensor], index: torch.Tensor) -> dict[st
     return {k: v[index] for k, v in inputs.items()}
 
 
+ATTACK_LOSSES = ("ce", "margin")
+
+
+def margin_loss(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """The logit-difference loss of Carlini and Wagner ("Towards Evaluating the Robustness of Neural Networks", IEEE
+    S&P 2017), summed over examples: max_{j != y} z_j - z_y for a single-label model (positive once the prediction is
+    wrong); for a multi-label one, the sum over labels of -z for a true label and z for a false one. Unlike the
+    cross-entropy it does not vanish on a saturated softmax, which is how defensive distillation hides the gradient
+    (Carlini and Wagner, "Defensive Distillation is Not Robust to Adversarial Examples", 2016).
+
+    Args:
+        logits (`torch.Tensor`): (batch, num_labels).
+        targets (`torch.Tensor`): class ids (batch,), or 0/1 (batch, num_labels) for multi-label.
+    """
+    if multi_label:
+        return ((1 - 2 * targets.float()) * logits).sum()
+    true = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, targets.view(-1, 1), float("-inf"))
+    return (others.max(dim=1).values - true).sum()
+
+
 class ModelOnBatch:
     """The model on one batch, for `RobustnessEvaluator` (which sets `model`, `tap`, `hidden_size`, `problem_type`,
     `passes` and `_depth`): no parameter gradient, and the model left as it was found."""
@@ -107,7 +128,10 @@ class ModelOnBatch:
                 return self._call(inputs)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The model's own loss summed over examples, so that each example's gradient is its own."""
+        """The attack's loss summed over examples, so that each example's gradient is its own: the model's own loss
+        (`attack_loss="ce"`: cross-entropy, or BCE for multi-label) or the logit margin (`"margin"`)."""
+        if self.attack_loss == "margin":
+            return margin_loss(logits, targets, self.problem_type == MULTI_LABEL)
         if self.problem_type == MULTI_LABEL:
             return F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="sum")
         return F.cross_entropy(logits, targets, reduction="sum")

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..embedding import EmbeddingTap, find_input_embedding, unwrap_model
 from ..losses import MULTI_LABEL, SINGLE_LABEL, infer_problem_type
-from .core import ModelOnBatch, epsilon_key
+from .core import ATTACK_LOSSES, ModelOnBatch, epsilon_key
 from .embedding_attacks import EmbeddingAttacks
 from .word import WordSubstitution
 
@@ -57,6 +57,9 @@ class RobustnessEvaluator(ModelOnBatch, EmbeddingAttacks, WordSubstitution):
         word_neighbours (`int`, *optional*, defaults to `20`): candidates per token, nearest by cosine similarity
             in the input embedding.
         embedding_name (`str`, *optional*): the embedding weight to attack; see `find_input_embedding`.
+        attack_loss (`str`, *optional*, defaults to `"ce"`): what the embedding and word attacks maximize: `"ce"`,
+            the model's own loss (cross-entropy, or BCE for multi-label), or `"margin"`, the logit difference of
+            Carlini and Wagner (`margin_loss`), which a saturated softmax (defensive distillation) does not hide.
         seed (`int`, *optional*, defaults to `0`): seeds torch inside `evaluate`, whose caller's random state is
             restored afterwards (the attacks themselves are deterministic).
         disable_tqdm (`bool`, *optional*, defaults to `False`): hide the progress bar.
@@ -76,6 +79,7 @@ class RobustnessEvaluator(ModelOnBatch, EmbeddingAttacks, WordSubstitution):
         word_budget: float = 0.1,
         word_neighbours: int = 20,
         embedding_name: str | None = None,
+        attack_loss: str = "ce",
         seed: int = 0,
         disable_tqdm: bool = False,
     ):
@@ -92,6 +96,8 @@ class RobustnessEvaluator(ModelOnBatch, EmbeddingAttacks, WordSubstitution):
             raise ValueError(f"need max_epsilon > 0 and bisection_steps >= 0, got {max_epsilon}, {bisection_steps}.")
         if not word_budget > 0 or word_neighbours < 1:
             raise ValueError(f"need word_budget > 0 and word_neighbours >= 1, got {word_budget}, {word_neighbours}.")
+        if attack_loss not in ATTACK_LOSSES:
+            raise ValueError(f"attack_loss={attack_loss!r} is not one of {list(ATTACK_LOSSES)}.")
         if "word" in attacks and tokenizer is None:
             raise ValueError("The word attack needs the tokenizer, to keep special tokens and subwords out of it.")
         self.model = unwrap_model(model)
@@ -104,6 +110,7 @@ class RobustnessEvaluator(ModelOnBatch, EmbeddingAttacks, WordSubstitution):
         self.bisection_steps = bisection_steps
         self.word_budget = word_budget
         self.word_neighbours = word_neighbours
+        self.attack_loss = attack_loss
         self.seed = seed
         self.disable_tqdm = disable_tqdm
         self.module, weight = find_input_embedding(self.model, embedding_name)
@@ -197,6 +204,7 @@ class RobustnessEvaluator(ModelOnBatch, EmbeddingAttacks, WordSubstitution):
         metrics: dict[str, Any] = {
             # What every "accuracy" below is: micro-F1 (logits thresholded at 0) for a multi-label model.
             "metric": "f1_micro" if self.problem_type == MULTI_LABEL else "accuracy",
+            "attack_loss": self.attack_loss,
             "num_examples": examples,
             # The scale epsilon compares with: the L2 norm of an example's clean embedding output.
             "embedding_norm_mean": float(torch.cat(norms).mean()) if norms else float("nan"),

@@ -1,0 +1,155 @@
+"""Distillation from a teacher's temperature-softened predictions: defensive distillation (Papernot et al.,
+"Distillation as a Defense to Adversarial Perturbations against Deep Neural Networks", IEEE S&P 2016), on the
+knowledge-distillation loss of Hinton et al. ("Distilling the Knowledge in a Neural Network", 2015).
+
+The student is trained on the teacher's predictions at temperature T: softmax(z_teacher / T) as the target of
+softmax(z_student / T) (for a multi-label model, per-label sigmoids at temperature T), and used at temperature 1.
+Papernot et al. train at T = 20 (on images); the student then learns logits about T times larger, whose softmax is
+saturated, so that a gradient attack on the cross-entropy sees almost no gradient. Carlini and Wagner ("Defensive
+Distillation is Not Robust to Adversarial Examples", 2016) showed that an attack on the logits (a margin loss) is not
+fooled by it: evaluate a distilled model with `attack_loss="margin"` too (`hf_adv.robustness`).
+
+The soft loss is multiplied by T^2 (Hinton et al.), so that its gradient keeps the size of a cross-entropy's at any
+temperature; `hard_weight` adds the user's own loss on the labels (at temperature 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .embedding import unwrap_model
+from .losses import MULTI_LABEL, SINGLE_LABEL, find_logits, infer_problem_type
+
+
+class Distillation:
+    """The distillation loss of a student model against a frozen teacher.
+
+    Args:
+        teacher (`nn.Module`): a trained classifier with the student's labels; put in eval mode with no parameter
+            gradient. Its predictions are computed without gradient, on the clean inputs.
+        problem_type (`str`): the student's, `"single_label_classification"` or `"multi_label_classification"`.
+        temperature (`float`, *optional*, defaults to `20.0`): T, Papernot et al.'s value.
+        hard_weight (`float`, *optional*, defaults to `0.0`): weight of the user's loss on the labels, added to the
+            soft loss (0: the soft labels alone, as in Papernot et al.).
+
+    Raises:
+        `ValueError`: for a temperature <= 0, a negative `hard_weight`, or a problem type other than single- or
+            multi-label classification.
+    """
+
+    def __init__(self, teacher: nn.Module, problem_type: str, temperature: float = 20.0, hard_weight: float = 0.0):
+        if not temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {temperature}.")
+        if not hard_weight >= 0:
+            raise ValueError(f"distill_hard_weight must be >= 0, got {hard_weight}.")
+        if problem_type not in (SINGLE_LABEL, MULTI_LABEL):
+            raise ValueError(
+                f"Distillation needs a classification model (single- or multi-label), not problem_type="
+                f"{problem_type!r}."
+            )
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.problem_type = problem_type
+        self.temperature = float(temperature)
+        self.hard_weight = float(hard_weight)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_args(cls, model: nn.Module, args, teacher: nn.Module | None = None) -> Distillation | None:
+        """The distillation `args` configure (`distill_teacher`, `distill_temperature`, `distill_hard_weight`), or
+        None without a teacher. `teacher` (a module) takes the place of loading `args.distill_teacher`.
+
+        Raises:
+            `ValueError`: when the teacher cannot be loaded, is the student itself, or predicts another number of
+                labels.
+        """
+        student = unwrap_model(model)
+        if teacher is None:
+            if not args.distill_teacher:
+                for name in ("distill_temperature", "distill_hard_weight"):
+                    if getattr(args, name) != type(args).__dataclass_fields__[name].default:
+                        raise ValueError(
+                            f"{name}={getattr(args, name)!r} is read only with a distillation teacher, and there is "
+                            "none: set distill_teacher to a trained checkpoint (or pass teacher_model=...), or leave "
+                            f"{name} at its default."
+                        )
+                return None
+            teacher = _load_teacher(student, args.distill_teacher)
+        teacher = unwrap_model(teacher)
+        if teacher is student:
+            raise ValueError("The distillation teacher is the model being trained; pass a separate trained model.")
+        config = getattr(student, "config", None)
+        problem_type = infer_problem_type(config, None)
+        student_labels = getattr(config, "num_labels", None)
+        teacher_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
+        if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
+            raise ValueError(
+                f"The distillation teacher predicts {teacher_labels} labels and the student {student_labels}: "
+                "distil from a teacher trained on the same labels."
+            )
+        device = next((p.device for p in student.parameters()), None)
+        if device is not None:
+            teacher.to(device)
+        return cls(teacher, problem_type, args.distill_temperature, args.distill_hard_weight)
+
+    def describe(self) -> str:
+        hard = f", hard-label weight {self.hard_weight:g}" if self.hard_weight else ""
+        return f"distillation (temperature {self.temperature:g}{hard})"
+
+    def teacher_logits(self, batch: dict) -> torch.Tensor:
+        """The teacher's logits on `batch` (its model inputs), without gradient; the last batch's are kept, so the
+        passes of one step that see the same rows run the teacher once."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label", "label_ids")}
+        key = tuple((k, v.data_ptr(), tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            logits = find_logits(self.teacher(**inputs))
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        logits = logits.detach().float()
+        self._cache = (key, logits)
+        return logits
+
+    def soft_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """T^2 x the cross-entropy between the teacher's and the student's predictions at temperature T, mean over
+        examples (for multi-label: the binary cross-entropy of each label's sigmoid, mean over labels and examples).
+
+        Args:
+            student_logits (`torch.Tensor`): (batch, num_labels), with their graph.
+            teacher_logits (`torch.Tensor`): (batch, num_labels).
+        """
+        t = self.temperature
+        student = student_logits.float() / t
+        if self.problem_type == MULTI_LABEL:
+            target = torch.sigmoid(teacher_logits / t)
+            loss = F.binary_cross_entropy_with_logits(student, target)
+        else:
+            target = torch.softmax(teacher_logits / t, dim=-1)
+            loss = -(target * F.log_softmax(student, dim=-1)).sum(-1).mean()
+        return loss * t * t
+
+    def loss(self, student_logits: torch.Tensor, batch: dict, hard_loss: torch.Tensor) -> torch.Tensor:
+        """The training loss of one pass: the soft loss on `batch`'s rows plus `hard_weight` x the user's loss."""
+        if isinstance(student_logits, tuple):
+            student_logits = student_logits[0]
+        soft = self.soft_loss(student_logits, self.teacher_logits(batch))
+        return soft + self.hard_weight * hard_loss if self.hard_weight else soft
+
+
+def _load_teacher(student: nn.Module, path: str) -> nn.Module:
+    """The teacher from `path`, with the student's model class (`from_pretrained`)."""
+    load = getattr(type(student), "from_pretrained", None)
+    if load is None:
+        raise ValueError(
+            f"distill_teacher={path!r}: the student ({type(student).__name__}) has no `from_pretrained` to load the "
+            "teacher with; pass the loaded teacher to the trainer instead (`teacher_model=...`)."
+        )
+    try:
+        return load(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"distill_teacher={path!r} could not be loaded as a {type(student).__name__}: {error}. Pass the folder "
+            "of a trained checkpoint (the output_dir of a finished run)."
+        ) from error
