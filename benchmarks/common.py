@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 CONFIGS = ROOT / "recipes" / "configs"
-METHOD_KEY_PREFIXES = ("adv_", "awp_", "vat_", "freelb_", "rdrop_")
+METHOD_KEY_PREFIXES = ("adv_", "awp_", "vat_", "freelb_", "rdrop_", "distill_")
 
 
 def config_settings(name: str) -> dict[str, Any]:
@@ -155,8 +156,13 @@ def build_trainer(method: str, model: nn.Module, output_dir: str, train_dataset=
             model=model, args=TrainingArguments(**common), train_dataset=train_dataset, **settings
         )
     if kind == "ours":
+        extra = {}
+        if "distill_teacher" in settings:
+            # A distillation config names a trained teacher; a copy of the model costs the same here.
+            settings = {k: v for k, v in settings.items() if k != "distill_teacher"}
+            extra["teacher_model"] = copy.deepcopy(model)
         arguments = AdversarialTrainingArguments(**common, **settings)
-        return AdversarialTrainer(model=model, args=arguments, train_dataset=train_dataset)
+        return AdversarialTrainer(model=model, args=arguments, train_dataset=train_dataset, **extra)
     return ClassicTrainer(model=model, args=TrainingArguments(**common), train_dataset=train_dataset, **settings)
 
 

@@ -59,13 +59,17 @@ CONFIGS = ROOT / "recipes" / "configs"
 QUALITY_METHODS = tuple(sorted(p.stem.removeprefix("imdb_") for p in CONFIGS.glob("imdb_*.yaml")))
 DEFAULT_METHODS = ("none", "fgm", "pgd", "awp", "vat")
 DATA = ROOT.parent / "shared" / "data"
+TEACHER = "<runs-dir>/<task>/none/seed<seed>"  # the teacher of a distillation run, as the config records it
 TRAINED = "quality_train.json"  # in a run folder: the command that trained its model, written once it succeeded
 
 
-def method_flags(method: str, epochs: float) -> list[str]:
-    """The recipe flags that select `method`, read from `recipes/configs/imdb_<method>.yaml`."""
+def method_flags(method: str, epochs: float, teacher: Path | None = None) -> list[str]:
+    """The recipe flags that select `method`, read from `recipes/configs/imdb_<method>.yaml`. A distillation config's
+    `distill_teacher` becomes `teacher`: the plain (`none`) run of the same task and seed."""
     flags = []
     for key, value in config_settings(method).items():
+        if key == "distill_teacher":
+            value = teacher if teacher is not None else TEACHER
         if key != "adv_start_epoch":
             flags += [f"--{key}", str(value)]
     if method == "awp":
@@ -112,9 +116,18 @@ def train_command(task: str, method: str, seed: int, run_dir: Path, args: argpar
         *("--max_eval_samples", str(args.eval_samples), "--max_predict_samples", str(args.test_samples)),
         *("--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"),
         *data,
-        *method_flags(method, epochs),
+        *method_flags(method, epochs, teacher_dir(task, seed, args)),
         *shlex.split(args.recipe_args),
     ]
+
+
+def teacher_dir(task: str, seed: int, args: argparse.Namespace) -> Path:
+    """The teacher of a distillation run: the plain run of its task and seed."""
+    return args.runs_dir / task / "none" / f"seed{seed}"
+
+
+def is_distillation(method: str) -> bool:
+    return "distill_teacher" in config_settings(method)
 
 
 def robustness_argv(task: str, method: str, run_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -130,6 +143,8 @@ def robustness_argv(task: str, method: str, run_dir: Path, args: argparse.Namesp
         *("--model_paths", str(run_dir), "--model_names", method, *data),
         *("--num_examples", str(args.test_samples), "--seed", "0", "--attacks", *args.attacks),
         *("--epsilons", *map(str, args.epsilons), "--pgd_steps", str(args.pgd_steps)),
+        # Left out for the cross-entropy alone, so that runs scored before the flag existed match.
+        *(["--attack_loss", *args.attack_losses] if args.attack_losses != ["ce"] else []),
         *("--output_dir", str(run_dir / "robustness")),
     ]
 
@@ -216,6 +231,10 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: 
     run_dir = args.runs_dir / task / method / f"seed{seed}"
     scoring = robustness_argv(task, method, run_dir, args)
     saved = run_dir / "quality.json"
+    if is_distillation(method) and not train(
+        task, "none", seed, teacher_dir(task, seed, args), args, f"{label} (its teacher, none)"
+    ):
+        return None
     if not train(task, method, seed, run_dir, args, label):
         return None
     if saved.is_file():
@@ -227,9 +246,13 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: 
             return previous
     print(f"[quality] {label}: scoring", flush=True)
     try:
-        metrics = robustness.main(scoring)[method]
+        scored = robustness.main(scoring)
     except Exception as error:
         raise RuntimeError(f"{label}: scoring the model in {run_dir} failed") from error
+    by_loss = {args.attack_losses[0]: scored[method]} if method in scored else {}
+    for loss in args.attack_losses:
+        by_loss.setdefault(loss, scored.get(f"{method} ({loss} attack)"))
+    metrics = by_loss[args.attack_losses[0]]
     results_file = run_dir / "train_results.json"
     trained = json.loads(results_file.read_text()) if results_file.exists() else {}
     result = {
@@ -242,6 +265,12 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: 
         "num_examples": metrics["num_examples"],
         "clean": metrics["clean_accuracy"],
         "pgd": {key.split("@")[1]: value for key, value in metrics.items() if key.startswith("pgd_accuracy@")},
+        # Under each attack loss (`--attack-losses`): "pgd" is the first's.
+        **{
+            f"pgd_{loss}": {k.split("@")[1]: v for k, v in scores.items() if k.startswith("pgd_accuracy@")}
+            for loss, scores in by_loss.items()
+            if loss != "ce"
+        },
         "train_seconds": trained.get("train_runtime"),
         "scoring_seconds": metrics["seconds"],
     }
@@ -270,6 +299,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
             entry["metric"] = runs_of[0]["metric"]
             entry["clean"] = spread([r["clean"] for r in runs_of])
             entry["pgd"] = {eps: spread([r["pgd"][eps] for r in runs_of]) for eps in runs_of[0]["pgd"]}
+            if all("pgd_margin" in r for r in runs_of):
+                entry["pgd_margin"] = {
+                    eps: spread([r["pgd_margin"][eps] for r in runs_of]) for eps in runs_of[0]["pgd_margin"]
+                }
             times = [r["train_seconds"] for r in runs_of if r["train_seconds"] is not None]
             entry["train_seconds"] = spread(times) if times else None
     return table
@@ -312,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attacks", nargs="+", default=["pgd"], help="hf_adv.robustness attacks (pgd at least)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="PGD radii (L2)")
     parser.add_argument("--pgd-steps", type=int, default=5)
+    parser.add_argument(
+        "--attack-losses",
+        default="ce",
+        help="comma-separated losses PGD maximizes (ce, margin): ce is the table's PGD columns; margin (the logit "
+        "difference, which defensive distillation does not hide) adds PGD-margin columns",
+    )
     parser.add_argument("--recipe-args", default="", help="extra recipe flags, e.g. '--learning_rate 3e-5'")
     parser.add_argument("--output-dir", type=Path, default=DOCS, help="docs folder: benchmarks/quality.{json,png}")
     parser.add_argument(
@@ -340,6 +379,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "pgd" not in args.attacks or not set(args.attacks) <= set(ATTACKS):
         raise SystemExit(f"--attacks: pgd (the score under attack) and any of {list(ATTACKS)}, got {args.attacks}")
+    from hf_adv.robustness import ATTACK_LOSSES
+
+    args.attack_losses = parse_list(args.attack_losses, ATTACK_LOSSES, "--attack-losses")
+    if "ce" in args.attack_losses:  # the cross-entropy's scores are the table's PGD columns
+        args.attack_losses = ["ce", *(loss for loss in args.attack_losses if loss != "ce")]
     if not all(e > 0 for e in args.epsilons):
         raise SystemExit(f"--epsilons must all be > 0, got {args.epsilons}")
     for task in tasks:
@@ -380,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "test_samples": args.test_samples,
             "epsilons": args.epsilons,
             "pgd_steps": args.pgd_steps,
+            "attack_losses": args.attack_losses,
             "recipe_args": args.recipe_args,
             "method_flags": {
                 task: {

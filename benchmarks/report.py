@@ -240,13 +240,21 @@ def _metric_label(entry: dict) -> str:
 
 def quality_table(results: dict) -> str:
     epsilons = sorted({eps for methods in results.values() for m in methods.values() for eps in m["pgd"]}, key=float)
+    # PGD on the logit margin beside the cross-entropy's, when some run was scored with it (`--attack-losses`).
+    margins = sorted(
+        {eps for methods in results.values() for m in methods.values() for eps in m.get("pgd_margin", {})}, key=float
+    )
+    headers = [f"PGD eps {eps}" for eps in epsilons] + [f"PGD-margin eps {eps}" for eps in margins]
     rows = [
-        "| task | method | clean | " + " | ".join(f"PGD eps {eps}" for eps in epsilons) + " | seeds | training time |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in epsilons) + " | --- | --- |",
+        "| task | method | clean | " + " | ".join(headers) + " | seeds | training time |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in headers) + " | --- | --- |",
     ]
     for task, methods in results.items():
         for method, entry in methods.items():
-            pgd = " | ".join(_mean_sd(entry["pgd"][eps]) if eps in entry["pgd"] else "" for eps in epsilons)
+            cells = [_mean_sd(entry["pgd"][eps]) if eps in entry["pgd"] else "" for eps in epsilons]
+            margin = entry.get("pgd_margin", {})
+            cells += [_mean_sd(margin[eps]) if eps in margin else "" for eps in margins]
+            pgd = " | ".join(cells)
             seconds = entry.get("train_seconds")
             time_text = f"{seconds['mean'] / 60:.1f} min" if seconds else "n/a"
             metric = _metric_label(entry)

@@ -533,12 +533,13 @@ def describe_method(training_args) -> str:
     """The adversarial set-up in one phrase, for the summary."""
     args = training_args
     parts = [described for _, described in args.configured_methods()]
-    if not parts:
-        return "none (plain fine-tuning)"
     start = args.resolved_start_epoch
-    if start > 0 or args.adv_start_step > 0:
+    if parts and (start > 0 or args.adv_start_step > 0):
         parts.append(f"from epoch {start:g}" + (f" and step {args.adv_start_step}" if args.adv_start_step else ""))
-    return " + ".join(parts)
+    if getattr(args, "distill_teacher", None):
+        hard = f", hard-label weight {args.distill_hard_weight:g}" if args.distill_hard_weight else ""
+        parts.append(f"distillation from {args.distill_teacher} (temperature {args.distill_temperature:g}{hard})")
+    return " + ".join(parts) if parts else "none (plain fine-tuning)"
 
 
 def rows_of(frame: pd.DataFrame) -> list[int]:
