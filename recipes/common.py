@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pandas as pd
 import transformers
 import yaml
@@ -601,34 +602,27 @@ class RobustnessReportArguments:
             raise RecipeError(f"--robustness_max_samples must be >= 1, got {self.robustness_max_samples}.")
 
 
-def robustness_report(
-    trainer,
-    frame: pd.DataFrame,
-    label_column: str,
-    args: RobustnessReportArguments,
-    *,
-    max_length: int,
-    seed: int,
-    name: str,
-) -> dict | None:
-    """The robustness evaluation of the trained model on `frame` (main process only); returns its metrics and writes
-    `robustness.{json,md,png}` beside the model, so that several runs' reports can be merged with
+def robustness_report(trainer, dataset, args: RobustnessReportArguments, *, seed: int, name: str) -> dict | None:
+    """The robustness evaluation of the trained model on `dataset`, the tokenized split the trainer predicted (main
+    process only): `robustness_max_samples` of its rows drawn with `seed`, attacked as tokenized (multi-hot targets
+    stay multi-hot). Returns the metrics of the first attack loss and writes `robustness.{json,md,png}` beside the
+    model, so that several runs' reports can be merged with
     `python -m hf_adv.robustness --results run1/robustness.json run2/robustness.json --output_dir ...`."""
     if not args.robustness_report or not trainer.is_world_process_zero():
         return None
     from hf_adv.robustness import evaluate_robustness, write_report
 
-    if args.robustness_max_samples is not None and args.robustness_max_samples < len(frame):
-        frame = frame.sample(n=args.robustness_max_samples, random_state=seed)
-    rows = [{"text": text, "label": label} for text, label in zip(frame["text"], frame[label_column])]
+    if args.robustness_max_samples is not None and args.robustness_max_samples < len(dataset):
+        # The rows `DataFrame.sample(n, random_state=seed)` draws.
+        rows = np.random.RandomState(seed).choice(len(dataset), size=args.robustness_max_samples, replace=False)
+        dataset = dataset.select(rows.tolist())
     results = {}
     for attack_loss in args.robustness_attack_loss:
         row = name if len(args.robustness_attack_loss) == 1 else f"{name} ({attack_loss} attack)"
         results[row] = evaluate_robustness(
             trainer.model,
-            rows,
+            dataset,
             trainer.processing_class,
-            max_length=max_length,
             batch_size=trainer.args.per_device_eval_batch_size,
             epsilons=args.robustness_epsilons,
             attacks=args.robustness_attacks,

@@ -219,10 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     predictions_path = f"{training_args.output_dir}/predictions_{predict_split}.csv"
     robustness = robustness_report(
         trainer,
-        frame,
-        "label",
+        tokenized[predict_split],
         report_args,
-        max_length=data_args.max_seq_length,
         seed=data_args.split_seed,
         name=training_args.run_name or describe_method(training_args),
     )

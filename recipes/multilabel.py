@@ -419,10 +419,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     predictions["text"] = frame["text"].tolist()
     robustness = robustness_report(
         trainer,
-        frame.assign(labels=targets[predict_split].tolist()),
-        "labels",
+        tokenized[predict_split],
         report_args,
-        max_length=data_args.max_seq_length,
         seed=data_args.split_seed,
         name=training_args.run_name or describe_method(training_args),
     )

@@ -545,6 +545,21 @@ def test_multilabel_robustness_report(tiny_model, data, tmp_path):
     (name, report), *others = json.loads((out / "robustness.json").read_text())["models"].items()
     assert not others and name.startswith("none") and report["num_examples"] == 10
     assert report["pgd_accuracy@4"] <= report["clean_accuracy"]  # micro-F1 for this multi-label model
+    # Named micro-F1 wherever it is shown, not "accuracy".
+    assert report["metric"] == "f1_micro"
+    table = (out / "robustness.md").read_text()
+    assert "clean micro-F1" in table and "accuracy" not in table.lower()
+
+
+def test_robustness_report_under_both_attack_losses(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    files = ["--train_file", str(data / "imdb.csv"), "--test_file", str(data / "imdb.csv"), "--run_name", "plain"]
+    flags = [*ROBUSTNESS_FLAGS, "--robustness_attacks", "pgd", "--robustness_attack_loss", "ce", "margin"]
+    imdb.main(train_args(tiny_model, out, *files, *flags))
+    report = json.loads((out / "robustness.json").read_text())["models"]
+    assert list(report) == ["plain (ce attack)", "plain (margin attack)"]
+    assert [r["attack_loss"] for r in report.values()] == ["ce", "margin"]
+    assert report["plain (ce attack)"]["clean_accuracy"] == report["plain (margin attack)"]["clean_accuracy"]
 
 
 def test_imdb_robustness_report_with_chosen_attacks(tiny_model, data, tmp_path):
