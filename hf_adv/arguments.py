@@ -134,8 +134,8 @@ class AdversarialTrainingArguments(TrainingArguments):
         default="auto",
         metadata={
             "help": "VAT: distance between clean and perturbed predictions. kl: softmax KL (single-label, multiple "
-            "choice, token classification, language models); bernoulli: per-label sigmoid KL summed over labels "
-            "(multi-label); mse: squared error (regression). auto: from the model config's problem_type and "
+            "choice, token classification, language models); bernoulli: per-label sigmoid KL averaged over labels "
+            "(multi-label); mse: squared error averaged over targets (regression). auto: from the model config's problem_type and "
             "num_labels, or for a model without a config from the labels (integer: kl; float 0/1 of the logits' "
             "shape: bernoulli; other float: mse)."
         },

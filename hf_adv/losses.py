@@ -112,18 +112,21 @@ def softmax_kl(clean_logits: torch.Tensor, logits: torch.Tensor, *, detach: bool
 
 
 def bernoulli_kl(clean_logits: torch.Tensor, logits: torch.Tensor, *, detach: bool = True) -> torch.Tensor:
-    """Per-label Bernoulli KL(sigmoid(clean) || sigmoid(logits)), summed over the last dimension."""
+    """Per-label Bernoulli KL(sigmoid(clean) || sigmoid(logits)), averaged over the labels (the last dimension), as
+    the multi-label BCE loss averages: so a divergence weight means the same against the supervised loss for any
+    number of labels."""
     clean = (clean_logits.detach() if detach else clean_logits).float()
     logits = logits.float()
     p = torch.sigmoid(clean)
     kl = p * (F.logsigmoid(clean) - F.logsigmoid(logits)) + (1 - p) * (F.logsigmoid(-clean) - F.logsigmoid(-logits))
-    return kl.sum(-1)
+    return kl.mean(-1)
 
 
 def squared_error(clean_outputs: torch.Tensor, outputs: torch.Tensor, *, detach: bool = True) -> torch.Tensor:
-    """Squared error between clean and perturbed predictions, summed over the last dimension."""
+    """Squared error between clean and perturbed predictions, averaged over the targets (the last dimension), as
+    the regression MSE loss averages."""
     clean = clean_outputs.detach() if detach else clean_outputs
-    return (outputs.float() - clean.float()).square().sum(-1)
+    return (outputs.float() - clean.float()).square().mean(-1)
 
 
 _PER_PREDICTION = {"kl": softmax_kl, "bernoulli": bernoulli_kl, "mse": squared_error}

@@ -80,7 +80,8 @@ def _kl(p_logits, q_logits, multi_label):
     if multi_label:
         p = torch.sigmoid(p_logits)
         q = torch.sigmoid(q_logits)
-        return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum(-1).mean()
+        # Averaged over labels, as the multi-label BCE loss is.
+        return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).mean(-1).mean()
     return F.kl_div(F.log_softmax(q_logits, -1), F.softmax(p_logits, -1), reduction="batchmean")
 
 

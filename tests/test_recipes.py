@@ -436,7 +436,7 @@ def test_multilabel_script_vat(tiny_model, data, tmp_path):
         *train_args(tiny_model, out, *files),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("multilabel: vat (weight 0.0357, epsilon 1.0)") == 1
+    assert result.stdout.count("multilabel: vat (weight 1.0, epsilon 1.0)") == 1
     assert logged(out, "vat_loss")
 
 
