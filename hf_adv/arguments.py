@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 from transformers import TrainingArguments
 
@@ -15,6 +16,21 @@ from .losses import DIVERGENCE_CHOICES
 from .methods import get_method_class, list_methods
 
 SCOPES = ("token", "example")
+
+
+def accelerator_available() -> bool:
+    """Whether torch has an accelerator to pin memory for: what `DataLoader(pin_memory=True)` checks before warning
+    that there is none."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return (
+        torch.cuda.is_available()
+        or bool(xpu is not None and xpu.is_available())
+        or bool(mps is not None and mps.is_available())
+    )
 
 
 def _method_flags() -> dict[str, tuple[str, ...]]:
@@ -28,6 +44,14 @@ def _method_flags() -> dict[str, tuple[str, ...]]:
 
 @dataclass
 class AdversarialTrainingArguments(TrainingArguments):
+    # -- transformers fields whose default depends on the machine ----------------------------------------------------
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Whether to pin memory in the DataLoaders. Default: on when torch has an accelerator (CUDA, XPU, "
+            "MPS, ...), off on a CPU-only machine, where pinning does nothing and torch warns about it."
+        },
+    )
     # -- which attack ---------------------------------------------------------------------------------------------
     adv_method: str = field(
         default="none",
@@ -184,6 +208,8 @@ class AdversarialTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = accelerator_available()
         if (
             int(transformers.__version__.split(".")[0]) < 5
             and isinstance(self.warmup_steps, float)

@@ -29,7 +29,7 @@ from accelerate.utils import extract_model_from_parallel
 from packaging import version
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
 from .arguments import AdversarialTrainingArguments
@@ -157,6 +157,26 @@ def _guard_compiled_code_on_hooks() -> None:
         logger.info("torch.compile now checks module hooks before reusing compiled code (for the embedding hooks).")
 
 
+# Config fields whose value > 0 makes a model skip parameters in some forward passes: dropped layers (LayerDrop,
+# wav2vec2's `layerdrop`, M2M100's `encoder_layerdrop`), and mixture-of-experts routing (an expert that no token
+# of the batch is routed to gets no gradient).
+_UNUSED_PARAMETER_FIELDS = ("layerdrop", "num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
+_UNUSED_PARAMETER_ERROR = "Expected to have finished reduction in the prior iteration"
+
+
+def _may_leave_parameters_unused(model: nn.Module) -> bool:
+    """Whether a transformers model may run a forward that leaves trainable parameters without a gradient, by its
+    config: dropped layers or mixture-of-experts. Our methods themselves give every parameter its gradient (the DDP
+    tests train each with `find_unused_parameters=False`)."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return True
+    for key, value in config.to_dict().items():
+        if any(name in key for name in _UNUSED_PARAMETER_FIELDS) and isinstance(value, (int, float)) and value > 0:
+            return True
+    return False
+
+
 class AdversarialMixin:
     """The adversarial training step, for any `transformers.Trainer` subclass: put it first among the bases,
     `class MyTrainer(AdversarialMixin, SFTTrainer)`, and pass `args` of a class that has the
@@ -227,6 +247,44 @@ class AdversarialMixin:
             )
 
     # -- set-up ------------------------------------------------------------------------------------------------------
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        """The parent's, and under DDP `find_unused_parameters=False` when the user left `ddp_find_unused_parameters`
+        unset and the model is a transformers model whose config shows no dropped layers and no experts.
+
+        The parent's default for a transformers model is True: DDP then searches every backward's graph for
+        parameters without a gradient and, finding none, warns on every rank. A user's value always wins, and so
+        does the parent's False (gradient checkpointing). Should the model leave a parameter without gradient after
+        all, `train()` says which flag to set."""
+        wrapped = super()._wrap_model(model, training, dataloader)
+        handler = getattr(getattr(self, "accelerator", None), "ddp_handler", None)
+        if (
+            training
+            and handler is not None
+            and self.args.ddp_find_unused_parameters is None
+            and getattr(handler, "find_unused_parameters", False)
+            and isinstance(unwrap_model(model), PreTrainedModel)
+            and not _may_leave_parameters_unused(model)
+        ):
+            handler.find_unused_parameters = False
+            self._chose_find_unused_false = True
+            logger.info(
+                "DDP: find_unused_parameters=False (ddp_find_unused_parameters unset, and the model uses every "
+                "parameter in each forward); set ddp_find_unused_parameters=True for a model that does not."
+            )
+        return wrapped
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except RuntimeError as error:
+            if getattr(self, "_chose_find_unused_false", False) and _UNUSED_PARAMETER_ERROR in str(error):
+                raise RuntimeError(
+                    "This model left parameters without a gradient under DDP, and hf_adv had set "
+                    "find_unused_parameters=False because ddp_find_unused_parameters was unset: set "
+                    "ddp_find_unused_parameters=True (--ddp_find_unused_parameters true)."
+                ) from error
+            raise
+
     def _check_supported(self) -> None:
         args = self.args
         if args.distill_teacher and (self.is_deepspeed_enabled or self.is_fsdp_enabled):

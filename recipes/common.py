@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import re
 import sys
@@ -26,9 +25,10 @@ import datasets
 import numpy as np
 import pandas as pd
 import transformers
-import yaml
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
+
+from hf_adv.cli import UsageError, exit_on_usage_error, model_load_error, model_load_kwargs, parse_cli
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
 BR_TAG = re.compile(r"(\s*<br\s*/?>\s*)+", flags=re.IGNORECASE)
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A problem with what the user gave (arguments, data, output_dir), found before training; the recipes print
-    its message without a traceback."""
+    its message without a traceback (`run_recipe`)."""
 
 
 class DataError(RecipeError):
@@ -161,30 +161,23 @@ class DataArguments:
 
 def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """Parse `--flags` into the dataclasses. A first argument ending in .yaml, .yml or .json is a config file whose
-    keys are the flags without `--`; flags after it override it."""
-    parser = HfArgumentParser(dataclass_types)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        config_path = Path(argv.pop(0))
-        if not config_path.is_file():
-            raise RecipeError(f"Config file {config_path} does not exist.")
-        with open(config_path, encoding="utf-8") as f:
-            config = (json.load(f) if config_path.suffix == ".json" else yaml.safe_load(f)) or {}
-        if not isinstance(config, dict):
-            raise RecipeError(
-                f"{config_path}: expected a mapping of flag names to values, got {type(config).__name__}."
-            )
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise RecipeError(f"{config_path}: unknown keys {unknown}; run with --help to list the flags.")
-        # Values from the file become argparse defaults: a flag on the command line still wins, and string values
-        # go through the flag's type (YAML reads `5e-5` as a string).
-        parser.set_defaults(**config)
-        for action in parser._actions:
-            if action.dest in config:
-                action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    keys are the flags without `--`; flags after it override it. A misspelt flag or key, a refused value or a missing
+    flag raises a one-line `UsageError` (`hf_adv.cli.parse_cli`)."""
+    return parse_cli(HfArgumentParser(dataclass_types), argv)
+
+
+def run_recipe(main) -> None:
+    """Run a recipe's `main()` as a script: a mistake in what the user gave is printed as one line, `error: ...`,
+    without a traceback; exit status 2 for the command line (a flag, a config key, a value, the model to load) and
+    1 for the data or the output_dir."""
+
+    def guarded():
+        try:
+            return main()
+        except RecipeError as error:
+            raise SystemExit(f"error: {error}") from None
+
+    exit_on_usage_error(guarded)
 
 
 def setup_logging(training_args) -> None:
@@ -463,20 +456,35 @@ def finish_splits(frames: dict[str, pd.DataFrame], data_args: DataArguments) -> 
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, **config_kwargs):
-    """(model, tokenizer): AutoModelForSequenceClassification with `config_kwargs` (labels, problem type) set."""
+    """(model, tokenizer): AutoModelForSequenceClassification with `config_kwargs` (labels, problem type) set.
+
+    A model that cannot be loaded here (offline, not in the Hub cache, no such folder) is refused at once with a
+    one-line `UsageError` naming the fix (`hf_adv.cli.model_load_kwargs`), and so is a failed load."""
     hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     remote = {"trust_remote_code": model_args.trust_remote_code}
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, **config_kwargs, **remote, **hub)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name or model_args.model_name_or_path, **remote, **hub
-    )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path,
-        config=config,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        **remote,
-        **hub,
-    )
+    sources = {"--model_name_or_path": model_args.model_name_or_path}
+    if model_args.tokenizer_name:
+        sources["--tokenizer_name"] = model_args.tokenizer_name
+    for flag, name in sources.items():
+        hub.update(model_load_kwargs(name, flag, cache_dir=model_args.cache_dir, revision=model_args.model_revision))
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **config_kwargs, **remote, **hub)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **remote,
+            **hub,
+        )
+    except OSError as error:
+        raise model_load_error(model_args.model_name_or_path, error) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name or model_args.model_name_or_path, **remote, **hub
+        )
+    except OSError as error:
+        flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+        raise model_load_error(model_args.tokenizer_name or model_args.model_name_or_path, error, flag) from error
     return model, tokenizer
 
 

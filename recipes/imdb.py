@@ -36,7 +36,6 @@ from common import (
     DataError,
     ModelArguments,
     RawSplit,
-    RecipeError,
     RobustnessReportArguments,
     check_output_dir,
     clean_texts,
@@ -55,6 +54,7 @@ from common import (
     resolve_column,
     robustness_report,
     rows_of,
+    run_recipe,
     setup_logging,
     tokenize,
     train_and_save,
@@ -247,7 +247,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:
-        raise SystemExit(f"error: {error}") from None
+    run_recipe(main)

@@ -57,6 +57,7 @@ from common import (
     resolve_column,
     robustness_report,
     rows_of,
+    run_recipe,
     setup_logging,
     tokenize,
     train_and_save,
@@ -455,7 +456,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecipeError as error:
-        raise SystemExit(f"error: {error}") from None
+    run_recipe(main)

@@ -64,9 +64,12 @@ for _name in list_methods(None):
         METHODS[_name] = {**reference.first_case(_name).flags, "adv_start_epoch": 0.0}
 METHODS["fgm+vat"] = {"adv_method": "fgm", "adv_epsilon": 0.5, "vat_weight": 1.0}
 
-# DDP settings: the Trainer's default for a transformers model (`find_unused_parameters=True` unless gradient
-# checkpointing is on) and `ddp_find_unused_parameters=False` (no graph search, buckets rebuilt after step 1).
-DDP_CONFIGS = {"default-ddp": None, "no-find-unused": False}
+# DDP settings: hf_adv's default for a transformers model that uses every parameter (`ddp_find_unused_parameters`
+# unset: `find_unused_parameters=False`, no graph search, buckets rebuilt after step 1) and
+# `ddp_find_unused_parameters=True` (the parent Trainer's default: DDP searches each backward's graph).
+DDP_CONFIGS = {"default-ddp": None, "find-unused": True}
+# What DistributedDataParallel is given for each.
+DDP_FIND_UNUSED = {"default-ddp": False, "find-unused": True}
 
 # Skip scenarios: the attack named is skipped on rank 1 only, as for a NaN gradient norm there.
 SKIPS = {
@@ -193,6 +196,7 @@ class CommHookCounter(TrainerCallback):
     def __init__(self):
         self.trainer: AdversarialTrainer | None = None
         self.wrapped_at_train_begin: str | None = None
+        self.find_unused_parameters: bool | None = None
         self.calls = 0  # one per gradient bucket reduced
         self.bucket0_calls = 0  # one per all-reduce of the whole gradient
         self.bucket0_calls_per_step: list[int] = []
@@ -200,6 +204,7 @@ class CommHookCounter(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         model = self.trainer.model_wrapped
         self.wrapped_at_train_begin = type(model).__name__
+        self.find_unused_parameters = getattr(model, "find_unused_parameters", None)
         if isinstance(model, DistributedDataParallel):
             model.register_comm_hook(state=None, hook=self.hook)
 
@@ -261,6 +266,7 @@ def run_scenario(scenario: dict, distributed: bool, output_dir: str) -> dict:
         "backward_calls": trainer.backward_calls,
         "global_step": trainer.state.global_step,
         "wrapped_at_train_begin": counter.wrapped_at_train_begin,
+        "find_unused_parameters": counter.find_unused_parameters,
         "hook_calls": counter.calls,
         "hook_bucket0_calls": counter.bucket0_calls,
         "hook_bucket0_calls_per_step": counter.bucket0_calls_per_step,

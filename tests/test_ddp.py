@@ -1,8 +1,9 @@
 """AdversarialTrainer under DistributedDataParallel: 2 CPU processes over gloo, launched with torchrun.
 
 One torchrun launch of tests/ddp_worker.py trains every scenario (each method, with gradient accumulation 1 and 2,
-with the Trainer's default DDP settings and with `ddp_find_unused_parameters=False`, and with the attack skipped on
-rank 1 only); one single-process launch trains the reference of each (same data order, twice the accumulation).
+with hf_adv's default DDP settings (`find_unused_parameters=False` for these models) and with
+`ddp_find_unused_parameters=True`, and with the attack skipped on rank 1 only); one single-process launch trains the
+reference of each (same data order, twice the accumulation).
 The tests compare the saved results:
 
 * both ranks end with the same weights, equal to the single-process run's;
@@ -225,6 +226,8 @@ def test_gradients_all_reduced_once_per_optimizer_step(launches, name):
     ga = ddp_worker.SCENARIOS[name]["ga"]
     for rank, (result, clean) in enumerate(zip(per_rank, none)):
         assert result["wrapped_at_train_begin"] == "DistributedDataParallel", result["wrapped_at_train_begin"]
+        expected = ddp_worker.DDP_FIND_UNUSED[ddp_worker.SCENARIOS[name]["ddp"]]
+        assert result["find_unused_parameters"] is expected, (name, rank, result["find_unused_parameters"])
         # Several backward passes per micro-batch ...
         assert clean["backward_calls"] == ddp_worker.STEPS * ga
         if not (rank == 1 and ddp_worker.SCENARIOS[name]["skip"]):
@@ -363,3 +366,59 @@ def test_robust_eval_launches_completed(robust_eval_launches):
     ddp, single = robust_eval_launches
     for launch in (ddp, single):
         assert not launch.timed_out and launch.returncode == 0, launch.describe()
+
+
+# -- find_unused_parameters when the user leaves it unset -------------------------------------------------------------
+UNUSED_SCRIPT = """
+import sys
+import torch
+from torch import nn
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+
+def train(unused, layerdrop=0.0, **flags):
+    model = tiny_model()
+    model.config.layerdrop = layerdrop
+    if unused:
+        model.extra = nn.Linear(3, 3)  # a trainable parameter the forward never uses
+    g = torch.Generator().manual_seed(0)
+    rows = [{{"input_ids": torch.randint(1, 99, (8,), generator=g), "labels": torch.tensor(i % 2)}} for i in range(32)]
+    args = AdversarialTrainingArguments(
+        output_dir={out!r}, use_cpu=True, report_to="none", per_device_train_batch_size=4, max_steps=3,
+        save_strategy="no", adv_method="fgm", disable_tqdm=True, **flags,
+    )
+    trainer = AdversarialTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    print(f"trained find_unused={{trainer.model_wrapped.find_unused_parameters}}", flush=True)
+
+if sys.argv[1] == "default":
+    train(unused=True)
+else:
+    train(unused=True, ddp_find_unused_parameters=True)
+    train(unused=True, layerdrop=0.1)
+"""
+
+
+def _run_unused(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "unused.py"
+    script.write_text(UNUSED_SCRIPT.format(tests=str(TESTS), out=str(tmp_path / "out")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    return subprocess.run([*command, mode], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=DDP_TIMEOUT)
+
+
+def test_model_with_unused_parameters_is_told_which_flag_to_set(tmp_path):
+    """hf_adv's default (`find_unused_parameters=False`) on a model that leaves a parameter without gradient: DDP
+    fails at the next step, and the error names the flag that fixes it."""
+    result = _run_unused(tmp_path, "default")
+    assert result.returncode != 0
+    assert "set ddp_find_unused_parameters=True (--ddp_find_unused_parameters true)" in result.stderr, result.stderr[
+        -3000:
+    ]
+
+
+def test_explicit_find_unused_and_layerdrop_keep_the_graph_search(tmp_path):
+    """A user's `ddp_find_unused_parameters=True` wins, and a model whose config drops layers keeps the search."""
+    result = _run_unused(tmp_path, "kept")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained find_unused=True") == 4, result.stdout  # 2 trainings x 2 ranks

@@ -280,7 +280,7 @@ def test_config_file_with_overrides(tiny_model, data, tmp_path):
 def test_unknown_config_key_is_refused(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model_name_or_path: x\nadv_epsilom: 1.0\n")
-    with pytest.raises(common.RecipeError, match="adv_epsilom"):
+    with pytest.raises(common.UsageError, match=r"unknown keys 'adv_epsilom' \(did you mean adv_epsilon\b"):
         common.parse_arguments(
             (common.ModelArguments, imdb.ImdbDataArguments, imdb.AdversarialTrainingArguments), [str(config)]
         )
@@ -457,14 +457,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What torch warns, on every rank, with DDP's `find_unused_parameters=True` on a model that uses every parameter, and
+# with `pin_memory=True` on a machine without an accelerator.
+FIND_UNUSED_WARNING = "find_unused_parameters=True was specified in DDP constructor, but did not find any unused"
+PIN_MEMORY_WARNING = "'pin_memory' argument is set as true but no accelerator is found"
+
+
+def without_pin_memory_flag(args: list[str]) -> list[str]:
+    at = args.index("--dataloader_pin_memory")
+    return args[:at] + args[at + 2 :]
+
+
 @pytest.mark.slow
-def test_two_process_cpu_launch(tiny_model, data, tmp_path):
+@pytest.mark.parametrize("explicit", [False, True], ids=["defaults", "explicit-true"])
+def test_two_process_cpu_launch(tiny_model, data, tmp_path, explicit):
+    """Two processes on CPU: the recipe trains and predicts once; with the defaults, torch warns neither that DDP
+    searched for unused parameters in vain nor that memory cannot be pinned, and a user's explicit True still
+    gets what was asked (and torch's warnings)."""
     out = tmp_path / "out"
     files = ["--train_file", str(data / "imdb.csv"), "--test_file", str(data / "imdb.csv"), "--adv_method", "fgm"]
+    if explicit:
+        files += ["--ddp_find_unused_parameters", "true", "--dataloader_pin_memory", "true"]
     result = run_script(
         *("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())),
         "recipes/imdb.py",
-        *train_args(tiny_model, out, *files),
+        *without_pin_memory_flag(train_args(tiny_model, out, *files)),
         timeout=600,
         ACCELERATE_USE_CPU="1",
     )
@@ -473,6 +490,11 @@ def test_two_process_cpu_launch(tiny_model, data, tmp_path):
     assert "2 process(es)" in result.stdout
     assert len(assert_outputs(out)) == 24  # predictions gathered from both ranks, without duplicates
     assert logged(out, "adv_loss")
+    output = result.stdout + result.stderr
+    if torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available():
+        pytest.skip("an accelerator is available: memory is pinned by default")
+    assert (FIND_UNUSED_WARNING in output) == explicit, output[-3000:]
+    assert (PIN_MEMORY_WARNING in output) == explicit, output[-3000:]
 
 
 # -- the project's real data, when it is there ------------------------------------------------------------------------
