@@ -159,9 +159,9 @@ class AdversarialTrainingArguments(TrainingArguments):
         metadata={
             "help": "VAT: distance between clean and perturbed predictions. kl: softmax KL (single-label, multiple "
             "choice, token classification, language models); bernoulli: per-label sigmoid KL averaged over labels "
-            "(multi-label); mse: squared error averaged over targets (regression). auto: from the model config's problem_type and "
-            "num_labels, or for a model without a config from the labels (integer: kl; float 0/1 of the logits' "
-            "shape: bernoulli; other float: mse)."
+            "(multi-label); mse: squared error averaged over targets (regression). auto: from the model config's "
+            "problem_type and num_labels, or for a model without a config from the labels (integer: kl; float 0/1 "
+            "of the logits' shape: bernoulli; other float: mse)."
         },
     )
     # -- R-Drop ---------------------------------------------------------------------------------------------------
