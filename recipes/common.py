@@ -29,13 +29,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_adv.cli import UsageError, exit_on_usage_error, model_load_error, model_load_kwargs, parse_cli
+from hf_adv.robustness.data import BR_TAG, table_format
+from hf_adv.robustness.data import read_table as _read_table
 
 logger = logging.getLogger(__name__)
 
 # Local formats, by file extension (after any compression suffix).
-TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
-BR_TAG = re.compile(r"(\s*<br\s*/?>\s*)+", flags=re.IGNORECASE)
 
 
 class RecipeError(UsageError):
@@ -251,53 +250,14 @@ class RawSplit:
         return f"{self.source}, row {index + 1}{suffix}"
 
 
-def table_format(path: str) -> str:
-    name = Path(path).name.lower()
-    for compression in COMPRESSIONS:
-        if name.endswith(compression):
-            name = name[: -len(compression)]
-    suffix = Path(name).suffix
-    if suffix not in TABLE_FORMATS:
-        raise DataError(
-            f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; expected one of "
-            f"{', '.join(TABLE_FORMATS)} (optionally followed by {', '.join(COMPRESSIONS)})."
-        )
-    return TABLE_FORMATS[suffix]
-
-
 def read_table(path: str, column_names: list[str] | None = None) -> RawSplit:
-    """Read one local file. CSV and TSV cells are read as strings, so no value ('NA', '007') is reinterpreted."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file.")
-    fmt = table_format(path)
-    if Path(path).stat().st_size == 0:
-        raise DataError(f"{path} is empty: expected a {fmt.upper()} file with one example per row.")
-    header = fmt in ("csv", "tsv") and column_names is None
+    """Read one local file with the rules the robustness CLI shares (`hf_adv.robustness.read_table`)."""
     try:
-        if fmt in ("csv", "tsv"):
-            frame = pd.read_csv(
-                path,
-                sep="," if fmt == "csv" else "\t",
-                # TSV files (GoEmotions among them) do not quote: a quote character is part of the text.
-                quoting=0 if fmt == "csv" else 3,
-                header=0 if header else None,
-                names=column_names,
-                dtype=str,
-                keep_default_na=False,
-            )
-        elif fmt in ("jsonl", "json"):
-            frame = pd.read_json(path, lines=True, dtype=False)
-        else:
-            frame = pd.read_parquet(path)
-    except pd.errors.EmptyDataError as error:
-        raise DataError(f"{path} is empty: expected a {fmt.upper()} file with one example per row.") from error
-    except Exception as error:  # pandas raises many types; all mean the file is not what its extension says
-        hint = " (one JSON object per line)" if fmt in ("jsonl", "json") else ""
-        raise DataError(f"{path}: could not be read as {fmt.upper()}{hint}: {error}") from error
-    if len(frame) == 0:
-        raise DataError(f"{path} has a header but no data rows: expected at least one example.")
-    frame.columns = [str(column) for column in frame.columns]
-    return RawSplit(frame.reset_index(drop=True), source=path, header=header)
+        frame = _read_table(path, column_names)
+    except ValueError as error:
+        raise DataError(str(error)) from error
+    header = table_format(path) in ("csv", "tsv") and column_names is None
+    return RawSplit(frame, source=path, header=header)
 
 
 def read_folder_split(split_dir: Path, skip: tuple[str, ...] = ("unsup",)) -> RawSplit:

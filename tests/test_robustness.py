@@ -339,3 +339,30 @@ def test_margin_attack_sees_through_a_saturated_softmax(trained, tokenizer):
     assert margin["attack_loss"] == "margin" and ce["attack_loss"] == "ce"
     with pytest.raises(ValueError, match="attack_loss='hinge' is not one of"):
         RobustnessEvaluator(trained, attack_loss="hinge")
+
+
+def test_cli_reads_tables_as_the_recipes_do(tmp_path, trained, tokenizer, test_rows):
+    """The recipes' flag names and column syntax: a headerless TSV with `--column_names text,label` and
+    `--text_column_name` (the old `--text_column` still works); a misspelt flag and a missing column are one line."""
+    import subprocess
+    import sys
+
+    trained.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text("".join(f"{r['text']}\t{r['label']}\n" for r in test_rows[:8]))
+    common = ["--model_paths", str(tmp_path / "model"), "--attacks", "pgd", "--epsilons", "0.1"]
+    common += ["--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
+    for spelling in (["--text_column_name", "text"], ["--text_column", "text"]):
+        report = main([*common, "--dataset", str(tsv), "--column_names", "text,label", *spelling])
+        assert report["model"]["num_examples"] == 8
+    for argv, message in (
+        ([*common, "--dataset", str(tsv), "--epsilonss", "0.1"], "did you mean --epsilons"),
+        ([*common, "--dataset", str(tsv)], "no text column 'text'"),
+    ):
+        command = [sys.executable, "-m", "hf_adv.robustness", *argv]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
+        assert "Traceback" not in done.stderr

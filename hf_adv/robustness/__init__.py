@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from .api import adversarial_accuracy, evaluate_robustness, load_model
 from .core import ATTACK_LOSSES, LABEL_KEYS, epsilon_key, margin_loss
-from .data import build_dataloader, load_rows
+from .data import build_dataloader, load_rows, read_table
 from .evaluator import ATTACKS, RobustnessEvaluator
 from .report import markdown_table, plot_accuracy, read_results, write_report
 from .word import WordAttackResult
@@ -73,6 +73,7 @@ __all__ = [
     "markdown_table",
     "plot_accuracy",
     "read_results",
+    "read_table",
     "write_report",
 ]
 

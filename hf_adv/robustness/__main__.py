@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..cli import UsageError, exit_on_usage_error, model_load_error, model_load_kwargs, one_line, parse_cli
 from .api import evaluate_robustness, load_model
 from .core import ATTACK_LOSSES
 from .data import load_rows
@@ -45,17 +45,27 @@ class RobustnessArguments:
     # -- data -----------------------------------------------------------------------------------------------------
     dataset: str | None = field(
         default=None,
-        metadata={"help": "A .csv/.tsv/.json/.jsonl file (optionally .gz) or a `save_to_disk` folder."},
+        metadata={
+            "help": "A .csv/.tsv/.jsonl/.json/.parquet file (optionally .gz, .bz2, .xz, .zip, .zst; read as the "
+            "recipes read it) or a `save_to_disk` folder."
+        },
     )
-    text_column: str = field(default="text", metadata={"help": "Column with the text."})
-    label_column: str = field(
+    text_column_name: str = field(
+        default="text", metadata={"help": "Column with the text (as the recipes' flag).", "aliases": ["--text_column"]}
+    )
+    label_column_name: str = field(
         default="label",
         metadata={
-            "help": "Column with the label: a class id, or label ids (list or comma-separated) for multi-label."
+            "help": "Column with the label: a class id, or label ids (list or comma-separated) for multi-label.",
+            "aliases": ["--label_column"],
         },
     )
     column_names: list[str] | None = field(
-        default=None, metadata={"help": "Column names of a file without a header row (e.g. text label id)."}
+        default=None,
+        metadata={
+            "help": "Comma-separated names for the columns of a CSV/TSV file without a header row, as in the "
+            "recipes: 'text,labels,id' (space-separated names work too)."
+        },
     )
     num_examples: int | None = field(
         default=None, metadata={"help": "Evaluate on this many examples, sampled with the seed; default: all."}
@@ -98,6 +108,8 @@ class RobustnessArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
 
     def __post_init__(self):
+        if self.column_names:  # the recipes' comma syntax, or space-separated names
+            self.column_names = [n.strip() for value in self.column_names for n in value.split(",") if n.strip()]
         if self.model_names is not None and len(self.model_names) != len(self.model_paths):
             raise ValueError(f"{len(self.model_names)} model_names for {len(self.model_paths)} model_paths.")
         if self.model_paths and self.dataset is None:
@@ -130,38 +142,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     from transformers import AutoTokenizer, HfArgumentParser
 
     parser = HfArgumentParser(RobustnessArguments, prog="python -m hf_adv.robustness", description=DESCRIPTION)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(argv[0])
-    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(argv)
+    # A .json/.yaml config may come first, flags after it override it; a mistake is one line (`UsageError`).
+    (args,) = parse_cli(parser, argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = read_results(args.results or [])
     rows = []
     if args.model_paths:
-        rows = load_rows(
-            args.dataset,
-            text_column=args.text_column,
-            column_names=args.column_names,
-            num_examples=args.num_examples,
-            seed=args.seed,
-            clean_br_tags=args.clean_br_tags,
-        )
+        try:
+            rows = load_rows(
+                args.dataset,
+                text_column=args.text_column_name,
+                column_names=args.column_names,
+                num_examples=args.num_examples,
+                seed=args.seed,
+                clean_br_tags=args.clean_br_tags,
+            )
+        except ValueError as error:
+            raise UsageError(one_line(error)) from error
     names = args.model_names or [Path(p).name for p in args.model_paths]
     settings = {k: v for k, v in asdict(args).items() if k not in ("model_paths", "model_names", "results")}
     for name, path in zip(names, args.model_paths):
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or path)
-        model = load_model(path, device)
+        # A folder, or a Hub name that is cached or reachable; else one line naming the fix (offline use).
+        load = model_load_kwargs(path, "--model_paths")
+        if args.tokenizer_path:
+            load.update(model_load_kwargs(args.tokenizer_path, "--tokenizer_path"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or path, **load)
+            model = load_model(path, device, **load)
+        except OSError as error:
+            raise model_load_error(path, error, "--model_paths") from error
         for attack_loss in args.attack_loss:
             row = name if len(args.attack_loss) == 1 else f"{name} ({attack_loss} attack)"
             metrics = evaluate_robustness(
                 model,
                 rows,
                 tokenizer,
-                text_column=args.text_column,
-                label_column=args.label_column,
+                text_column=args.text_column_name,
+                label_column=args.label_column_name,
                 max_length=args.max_length,
                 batch_size=args.batch_size,
                 description=row,
@@ -179,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 def cli() -> None:
-    """The `hf-adv-robustness` command (the same as `python -m hf_adv.robustness`)."""
-    main()
+    """The `hf-adv-robustness` command (the same as `python -m hf_adv.robustness`): a mistake in the flags, the
+    data or the model prints one line and exits with status 2."""
+    exit_on_usage_error(main)
 
 
 if __name__ == "__main__":

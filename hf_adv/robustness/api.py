@@ -14,10 +14,12 @@ from .data import build_dataloader
 from .evaluator import RobustnessEvaluator
 
 
-def load_model(path: str, device: str | torch.device | None = None) -> nn.Module:
+def load_model(path: str, device: str | torch.device | None = None, **kwargs) -> nn.Module:
+    """A sequence classifier from a folder or Hub name (`AutoModelForSequenceClassification.from_pretrained`, given
+    `kwargs`, e.g. `local_files_only=True`), on `device`."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     return model.to(device) if device is not None else model
 
 

@@ -7,10 +7,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..losses import MULTI_LABEL, SINGLE_LABEL
 from .core import LABEL_KEYS
+
+TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
+# IMDB's HTML line breaks, replaced by a space (the recipes' --clean_br_tags).
+BR_TAG = re.compile(r"(\s*<br\s*/?>\s*)+", flags=re.IGNORECASE)
 
 
 def _labels_to_multi_hot(value, num_labels: int) -> list[float]:
@@ -85,32 +91,102 @@ def load_rows(
     seed: int = 0,
     clean_br_tags: bool = True,
 ) -> list[dict[str, Any]]:
-    """The examples of a `.csv`/`.tsv`/`.json`/`.jsonl` file (optionally `.gz`) or a `save_to_disk` folder, as
-    dicts; `num_examples` of them sampled with `seed` when set. `column_names` names the columns of a file without a
-    header row; `clean_br_tags` replaces IMDB's HTML line breaks in `text_column` by spaces, as the recipes do."""
-    import pandas as pd
+    """The examples of a table file (`read_table`: the recipes' rules) or a `save_to_disk` folder, as dicts;
+    `num_examples` of them sampled with `seed` when set. `column_names` names the columns of a CSV/TSV file without
+    a header row; `clean_br_tags` replaces IMDB's HTML line breaks in `text_column` by spaces, as the recipes do.
 
+    Raises:
+        `ValueError`: for a file that cannot be read (see `read_table`), or without `text_column`.
+    """
     path = Path(dataset)
     if path.is_dir():
         from datasets import load_from_disk
 
         frame = load_from_disk(str(path)).to_pandas()
     else:
-        suffixes = [s for s in path.suffixes if s != ".gz"]
-        kind = suffixes[-1] if suffixes else ".csv"
-        header = {"header": None, "names": list(column_names)} if column_names else {}
-        if kind in (".tsv", ".txt"):
-            frame = pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False, **header)
-        elif kind == ".jsonl":
-            frame = pd.read_json(path, lines=True)
-        elif kind == ".json":
-            frame = pd.read_json(path)
-        else:
-            frame = pd.read_csv(path, keep_default_na=False, **header)
+        frame = read_table(str(path), list(column_names) if column_names else None)
+    if text_column not in frame.columns:
+        raise ValueError(
+            f"{dataset}: no text column {text_column!r} (columns: {list(frame.columns)}); set --text_column_name"
+            + ("" if column_names else ", or --column_names for a file without a header row")
+            + "."
+        )
     if num_examples is not None and num_examples < len(frame):
         frame = frame.sample(n=num_examples, random_state=seed)
     rows = frame.to_dict("records")
     if clean_br_tags:
         for row in rows:
-            row[text_column] = re.sub(r"(\s*<br\s*/?>\s*)+", " ", str(row[text_column]), flags=re.IGNORECASE)
+            row[text_column] = BR_TAG.sub(" ", str(row[text_column]))
     return rows
+
+
+def table_format(path: str) -> str:
+    """The format of a table file from its extension (a compression suffix is looked through).
+
+    Raises:
+        `ValueError`: for an extension that is not one of `TABLE_FORMATS`.
+    """
+    name = Path(path).name.lower()
+    for compression in COMPRESSIONS:
+        if name.endswith(compression):
+            name = name[: -len(compression)]
+    suffix = Path(name).suffix
+    if suffix not in TABLE_FORMATS:
+        raise ValueError(
+            f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; expected one of "
+            f"{', '.join(TABLE_FORMATS)} (optionally followed by {', '.join(COMPRESSIONS)})."
+        )
+    return TABLE_FORMATS[suffix]
+
+
+def read_table(path: str, column_names: list[str] | None = None) -> pd.DataFrame:
+    """Read one local table: CSV, TSV, JSON Lines (`.jsonl`, or `.json`, which may also hold one array of
+    objects) or Parquet, optionally compressed (`COMPRESSIONS`). CSV and TSV cells are read as strings, so no value
+    ('NA', '007') is reinterpreted; TSV is read without quoting (GoEmotions' quotes are text). `column_names` names
+    the columns of a CSV/TSV file without a header row. The recipes and `python -m hf_adv.robustness` read files
+    with it.
+
+    Raises:
+        `ValueError`: naming the file and what was expected, for a missing, empty or unreadable file.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file.")
+    fmt = table_format(path)
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{path} is empty: expected a {fmt.upper()} file with one example per row.")
+    header = fmt in ("csv", "tsv") and column_names is None
+    try:
+        if fmt in ("csv", "tsv"):
+            frame = pd.read_csv(
+                path,
+                sep="," if fmt == "csv" else "\t",
+                # TSV files (GoEmotions among them) do not quote: a quote character is part of the text.
+                quoting=0 if fmt == "csv" else 3,
+                header=0 if header else None,
+                names=column_names,
+                dtype=str,
+                keep_default_na=False,
+            )
+        elif fmt == "json" and _starts_with_bracket(path):  # one JSON array of objects
+            frame = pd.read_json(path, dtype=False)
+        elif fmt in ("jsonl", "json"):
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            frame = pd.read_parquet(path)
+    except pd.errors.EmptyDataError as error:
+        raise ValueError(f"{path} is empty: expected a {fmt.upper()} file with one example per row.") from error
+    except Exception as error:  # pandas raises many types; all mean the file is not what its extension says
+        hint = " (one JSON object per line)" if fmt in ("jsonl", "json") else ""
+        raise ValueError(f"{path}: could not be read as {fmt.upper()}{hint}: {error}") from error
+    if len(frame) == 0:
+        raise ValueError(f"{path} has a header but no data rows: expected at least one example.")
+    frame.columns = [str(column) for column in frame.columns]
+    return frame.reset_index(drop=True)
+
+
+def _starts_with_bracket(path: str) -> bool:
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        return handle.read(4096).lstrip().startswith("[")
