@@ -21,6 +21,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
+from hf_adv.cli import UsageError
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -280,7 +282,7 @@ def test_config_file_with_overrides(tiny_model, data, tmp_path):
 def test_unknown_config_key_is_refused(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("model_name_or_path: x\nadv_epsilom: 1.0\n")
-    with pytest.raises(common.UsageError, match=r"unknown keys 'adv_epsilom' \(did you mean adv_epsilon\b"):
+    with pytest.raises(UsageError, match=r"unknown keys 'adv_epsilom' \(did you mean adv_epsilon\b"):
         common.parse_arguments(
             (common.ModelArguments, imdb.ImdbDataArguments, imdb.AdversarialTrainingArguments), [str(config)]
         )
