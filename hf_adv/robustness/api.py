@@ -89,6 +89,7 @@ def adversarial_accuracy(
     step_size: float | None = None,
     *,
     method: str = "pgd",
+    attack_loss: str = "ce",
     embedding_name: str | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     disable_tqdm: bool = False,
@@ -103,6 +104,7 @@ def adversarial_accuracy(
         steps (`int`, *optional*, defaults to `5`): PGD iterates.
         step_size (`float`, *optional*): see `RobustnessEvaluator.pgd_step_size`.
         method (`str`, *optional*, defaults to `"pgd"`): `"pgd"` or `"fgm"`.
+        attack_loss (`str`, *optional*, defaults to `"ce"`): `"ce"` or `"margin"` (see `RobustnessEvaluator`).
         gather (*optional*): `accelerator.gather_for_metrics` when each process sees a shard of the data.
     """
     if method not in ("pgd", "fgm"):
@@ -113,6 +115,7 @@ def adversarial_accuracy(
         attacks=(method,),
         pgd_steps=steps,
         pgd_step_size=step_size,
+        attack_loss=attack_loss,
         embedding_name=embedding_name,
         disable_tqdm=disable_tqdm,
     )
