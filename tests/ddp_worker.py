@@ -46,6 +46,7 @@ import hf_adv.methods.awp as awp_module  # noqa: E402
 import hf_adv.methods.fgm as fgm_module  # noqa: E402
 import hf_adv.methods.pgd as pgd_module  # noqa: E402
 import hf_adv.robustness as robustness_module  # noqa: E402
+import hf_adv.trainer as trainer_module  # noqa: E402
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments, list_methods  # noqa: E402
 from hf_adv.methods.base import is_usable_norm  # noqa: E402
 from hf_adv.methods.vat import VAT  # noqa: E402
@@ -140,7 +141,7 @@ _adversarial_accuracy = robustness_module.adversarial_accuracy
 
 
 def recording_adversarial_accuracy(*args, gather=None, **kwargs):
-    """`adversarial_accuracy`, recording the rows its `gather` returns (the trainer imports it at call time)."""
+    """`adversarial_accuracy`, recording the rows its `gather` returns (patched where the trainer looks it up)."""
     call = {"gather": gather is not None, "rows": []}
     RobustGathers.calls.append(call)
 
@@ -160,6 +161,7 @@ def install_patches() -> None:
     for module in (fgm_module, pgd_module, awp_module):
         module.is_usable_norm = usable_norm_unless_skipped
     robustness_module.adversarial_accuracy = recording_adversarial_accuracy
+    trainer_module.adversarial_accuracy = recording_adversarial_accuracy  # the trainer's own reference to it
 
 
 class RecordingTrainer(AdversarialTrainer):
