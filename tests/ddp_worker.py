@@ -64,6 +64,15 @@ for _name in list_methods(None):
     if reference.first_case(_name).steps == 1:
         METHODS[_name] = {**reference.first_case(_name).flags, "adv_start_epoch": 0.0}
 METHODS["fgm+vat"] = {"adv_method": "fgm", "adv_epsilon": 0.5, "vat_weight": 1.0}
+# Defensive distillation, alone and with FGM: the teacher is `teacher()`, passed as `teacher_model`.
+METHODS["distill"] = {"distill_temperature": 5.0, "distill_hard_weight": 0.5}
+METHODS["fgm+distill"] = {"adv_method": "fgm", "adv_epsilon": 0.5, "adv_start_epoch": 0.0, **METHODS["distill"]}
+
+
+def teacher():
+    """The distillation scenarios' teacher: a tiny BERT of other weights than the student's."""
+    return tiny_model(seed=5)
+
 
 # DDP settings: hf_adv's default for a transformers model that uses every parameter (`ddp_find_unused_parameters`
 # unset: `find_unused_parameters=False`, no graph search, buckets rebuilt after step 1) and
@@ -253,9 +262,11 @@ def run_scenario(scenario: dict, distributed: bool, output_dir: str) -> dict:
         **METHODS[scenario["method"]],
     )
     counter = CommHookCounter()
+    extra = {"teacher_model": teacher()} if "distill" in scenario["method"] else {}
     trainer = RecordingTrainer(
         model=tiny_model(),
         args=args,
+        **extra,
         train_dataset=dataset(STEPS * WORLD * ga * BATCH),
         callbacks=[counter],
         skip=scenario["skip"],
