@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embedding import unwrap_model
-from .losses import MULTI_LABEL, SINGLE_LABEL, find_logits, infer_problem_type
+from .losses import MULTI_LABEL, REGRESSION, SINGLE_LABEL, find_logits, infer_problem_type
 
 
 class Distillation:
@@ -29,7 +29,9 @@ class Distillation:
     Args:
         teacher (`nn.Module`): a trained classifier with the student's labels; put in eval mode with no parameter
             gradient. Its predictions are computed without gradient, on the clean inputs.
-        problem_type (`str`): the student's, `"single_label_classification"` or `"multi_label_classification"`.
+        problem_type (`str` or `None`): the student's, `"single_label_classification"` or
+            `"multi_label_classification"`; None: inferred from the labels of each batch, as transformers does (class
+            ids: single-label; float targets: multi-label).
         temperature (`float`, *optional*, defaults to `20.0`): T, Papernot et al.'s value.
         hard_weight (`float`, *optional*, defaults to `0.0`): weight of the user's loss on the labels, added to the
             soft loss (0: the soft labels alone, as in Papernot et al.).
@@ -39,12 +41,14 @@ class Distillation:
             multi-label classification.
     """
 
-    def __init__(self, teacher: nn.Module, problem_type: str, temperature: float = 20.0, hard_weight: float = 0.0):
+    def __init__(
+        self, teacher: nn.Module, problem_type: str | None, temperature: float = 20.0, hard_weight: float = 0.0
+    ):
         if not temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, got {temperature}.")
         if not hard_weight >= 0:
             raise ValueError(f"distill_hard_weight must be >= 0, got {hard_weight}.")
-        if problem_type not in (SINGLE_LABEL, MULTI_LABEL):
+        if problem_type not in (SINGLE_LABEL, MULTI_LABEL, None):
             raise ValueError(
                 f"Distillation needs a classification model (single- or multi-label), not problem_type="
                 f"{problem_type!r}."
@@ -53,7 +57,7 @@ class Distillation:
         self.problem_type = problem_type
         self.temperature = float(temperature)
         self.hard_weight = float(hard_weight)
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[list, torch.Tensor] | None = None
 
     @classmethod
     def from_args(cls, model: nn.Module, args, teacher: nn.Module | None = None) -> Distillation | None:
@@ -80,7 +84,10 @@ class Distillation:
         if teacher is student:
             raise ValueError("The distillation teacher is the model being trained; pass a separate trained model.")
         config = getattr(student, "config", None)
-        problem_type = infer_problem_type(config, None)
+        # Left to the labels when the config does not say (transformers infers multi-label from float labels).
+        problem_type = getattr(config, "problem_type", None) or (
+            REGRESSION if getattr(config, "num_labels", None) == 1 else None
+        )
         student_labels = getattr(config, "num_labels", None)
         teacher_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
         if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
@@ -101,9 +108,11 @@ class Distillation:
         """The teacher's logits on `batch` (its model inputs), without gradient; the last batch's are kept, so the
         passes of one step that see the same rows run the teacher once."""
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "label", "label_ids")}
-        key = tuple((k, v.data_ptr(), tuple(v.shape)) for k, v in inputs.items() if isinstance(v, torch.Tensor))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        # The same tensor objects (held here, so their memory cannot be reused by another batch's).
+        key = [(k, v) for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+        if self._cache is not None and len(self._cache[0]) == len(key):
+            if all(k == j and v is w for (k, v), (j, w) in zip(key, self._cache[0])):
+                return self._cache[1]
         with torch.no_grad():
             logits = find_logits(self.teacher(**inputs))
         if isinstance(logits, tuple):
@@ -112,44 +121,70 @@ class Distillation:
         self._cache = (key, logits)
         return logits
 
-    def soft_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """T^2 x the cross-entropy between the teacher's and the student's predictions at temperature T, mean over
-        examples (for multi-label: the binary cross-entropy of each label's sigmoid, mean over labels and examples).
+    def soft_loss(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, problem_type: str | None = None
+    ) -> torch.Tensor:
+        """T^2 x KL(teacher || student) between the predictions at temperature T, mean over examples (for
+        multi-label: the Bernoulli KL of each label's sigmoid, mean over labels and examples). Its gradient is the
+        cross-entropy's (the teacher's entropy is a constant), and it is 0 when the student matches the teacher.
 
         Args:
             student_logits (`torch.Tensor`): (batch, num_labels), with their graph.
             teacher_logits (`torch.Tensor`): (batch, num_labels).
+            problem_type (`str`, *optional*): overrides `self.problem_type`.
         """
         t = self.temperature
         student = student_logits.float() / t
-        if self.problem_type == MULTI_LABEL:
-            target = torch.sigmoid(teacher_logits / t)
-            loss = F.binary_cross_entropy_with_logits(student, target)
+        teacher = teacher_logits.float() / t
+        if (problem_type or self.problem_type) == MULTI_LABEL:
+            p = torch.sigmoid(teacher)
+            kl = p * (F.logsigmoid(teacher) - F.logsigmoid(student)) + (1 - p) * (
+                F.logsigmoid(-teacher) - F.logsigmoid(-student)
+            )
+            loss = kl.mean()
         else:
-            target = torch.softmax(teacher_logits / t, dim=-1)
-            loss = -(target * F.log_softmax(student, dim=-1)).sum(-1).mean()
+            log_p = F.log_softmax(teacher, dim=-1)
+            loss = (log_p.exp() * (log_p - F.log_softmax(student, dim=-1))).sum(-1).mean()
         return loss * t * t
 
     def loss(self, student_logits: torch.Tensor, batch: dict, hard_loss: torch.Tensor) -> torch.Tensor:
         """The training loss of one pass: the soft loss on `batch`'s rows plus `hard_weight` x the user's loss."""
         if isinstance(student_logits, tuple):
             student_logits = student_logits[0]
-        soft = self.soft_loss(student_logits, self.teacher_logits(batch))
+        problem_type = self.problem_type
+        if problem_type is None:
+            labels = batch.get("labels")
+            problem_type = infer_problem_type(None, labels if isinstance(labels, torch.Tensor) else None)
+            if (
+                isinstance(labels, torch.Tensor)
+                and labels.is_floating_point()
+                and labels.shape != student_logits.shape
+            ):
+                problem_type = REGRESSION
+            if problem_type == REGRESSION:
+                raise ValueError(
+                    "Distillation needs a classification model; these labels (float, not of the logits' shape) are "
+                    "a regression's. Set the model config's problem_type if it is a classifier."
+                )
+        soft = self.soft_loss(student_logits, self.teacher_logits(batch), problem_type)
         return soft + self.hard_weight * hard_loss if self.hard_weight else soft
 
 
 def _load_teacher(student: nn.Module, path: str) -> nn.Module:
-    """The teacher from `path`, with the student's model class (`from_pretrained`)."""
-    load = getattr(type(student), "from_pretrained", None)
-    if load is None:
-        raise ValueError(
-            f"distill_teacher={path!r}: the student ({type(student).__name__}) has no `from_pretrained` to load the "
-            "teacher with; pass the loaded teacher to the trainer instead (`teacher_model=...`)."
-        )
+    """The teacher from `path`: with the student's class when the checkpoint is of the student's architecture, else
+    with `AutoModelForSequenceClassification` (a BERT student may learn from a RoBERTa teacher)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     try:
+        config = AutoConfig.from_pretrained(path)
+        student_type = getattr(getattr(student, "config", None), "model_type", None)
+        load = getattr(type(student), "from_pretrained", None)
+        if load is None or config.model_type != student_type:
+            load = AutoModelForSequenceClassification.from_pretrained
         return load(path)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"distill_teacher={path!r} could not be loaded as a {type(student).__name__}: {error}. Pass the folder "
-            "of a trained checkpoint (the output_dir of a finished run)."
+            f"distill_teacher={path!r} could not be loaded as a sequence classifier: {message} Pass the folder of a "
+            "trained checkpoint (the output_dir of a finished run), or the loaded teacher as `teacher_model=`."
         ) from error

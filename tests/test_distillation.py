@@ -148,3 +148,54 @@ def test_distillation_accumulation_is_mean_of_micro_batches(tmp_path, adv_method
     plain = make_trainer(tmp_path / "plain", dataset=dataset, gradient_accumulation_steps=2, max_steps=1)
     plain.train()
     assert any(not torch.allclose(state(plain.model)[n], v, atol=1e-7) for n, v in expected.items())
+
+
+def test_distillation_reads_multi_label_from_float_labels(tmp_path):
+    """A student whose config leaves problem_type unset, trained on multi-hot float labels, is distilled with
+    per-label sigmoids, as transformers infers multi-label from such labels."""
+    batch = make_batch(multi_label=True, num_labels=3)
+    teacher = tiny_model(seed=5, num_labels=3)
+    expected_model = tiny_model(num_labels=3, problem_type="multi_label_classification")
+    reference_step(expected_model, teacher, batch, 2.0, 0.0, multi_label=True)
+    model = tiny_model(num_labels=3)
+    assert model.config.problem_type is None
+    trainer = make_trainer(tmp_path, model=model, teacher=teacher, distill_temperature=2.0)
+    assert trainer.distillation.problem_type is None  # left to the labels
+    model.zero_grad()
+    trainer.training_step(trainer.model, dict(batch))
+    assert_close_dicts(grads(model), grads(expected_model))
+
+
+def test_teacher_logits_are_not_reused_for_another_batch(tmp_path):
+    """The teacher's logits are kept for the passes of one batch only, even when a new batch's tensors land at the
+    address of a freed one."""
+    trainer = make_trainer(tmp_path, teacher=tiny_model(seed=5))
+    distillation = trainer.distillation
+    for seed in range(6):
+        batch = {k: v.clone() for k, v in make_batch(seed=seed).items()}
+        expected = distillation.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        torch.testing.assert_close(distillation.teacher_logits(batch), expected)
+        assert distillation.teacher_logits(batch) is distillation.teacher_logits(dict(batch))  # one teacher pass
+        del batch
+
+
+def test_teacher_of_another_architecture_loads_from_its_folder(tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=2,
+        max_position_embeddings=40,
+        pad_token_id=0,
+    )
+    torch.manual_seed(3)
+    teacher = RobertaForSequenceClassification(config)
+    teacher.save_pretrained(tmp_path / "teacher")
+    trainer = make_trainer(tmp_path, distill_teacher=str(tmp_path / "teacher"))
+    loaded = trainer.distillation.teacher
+    assert isinstance(loaded, RobertaForSequenceClassification)
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), teacher.parameters()))
