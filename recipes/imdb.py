@@ -37,6 +37,7 @@ from common import (
     ModelArguments,
     RawSplit,
     RobustnessReportArguments,
+    build_trainer,
     check_output_dir,
     clean_texts,
     describe_method,
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {"accuracy": accuracy_score(labels, predicted), "f1": f1_score(labels, predicted, average=average)}
 
     # -- train, evaluate, predict, save ---------------------------------------------------------------------------
-    trainer = AdversarialTrainer(
+    trainer = build_trainer(
+        AdversarialTrainer,
         model=model,
         args=training_args,
         train_dataset=tokenized["train"],

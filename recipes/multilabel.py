@@ -39,6 +39,7 @@ from common import (
     RawSplit,
     RecipeError,
     RobustnessReportArguments,
+    build_trainer,
     check_output_dir,
     clean_texts,
     describe_method,
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if pos_weight is not None:
         trainer_kwargs["compute_loss_func"] = pos_weight_loss(pos_weight)
-    trainer = AdversarialTrainer(**trainer_kwargs)
+    trainer = build_trainer(AdversarialTrainer, **trainer_kwargs)
     train_result, train_metrics = train_and_save(trainer, checkpoint, len(frames["train"]))
 
     validation = trainer.predict(tokenized["validation"], metric_key_prefix="eval")

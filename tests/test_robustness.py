@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,4 +366,46 @@ def test_cli_reads_tables_as_the_recipes_do(tmp_path, trained, tokenizer, test_r
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["rows.json", "rows.json.bz2", "rows.json.xz", "rows.jsonl.gz", "lines.json"])
+def test_read_table_reads_json_arrays_and_lines_compressed_or_not(tmp_path, name):
+    import bz2
+    import gzip
+    import lzma
+
+    from hf_adv.robustness import read_table
+
+    rows = [{"text": "a b", "label": 1}, {"text": "c", "label": 0}]
+    text = "\n".join(json.dumps(r) for r in rows) if "lines" in name or "jsonl" in name else json.dumps(rows)
+    opener = {".bz2": bz2.open, ".xz": lzma.open, ".gz": gzip.open}.get(Path(name).suffix, open)
+    with opener(tmp_path / name, "wt", encoding="utf-8") as handle:
+        handle.write("\ufeff" + text if name == "rows.json" else text)  # a byte-order mark too
+    assert read_table(str(tmp_path / name)).to_dict("records") == rows
+
+
+def test_cli_answers_labels_that_do_not_fit_in_one_line(tmp_path, trained, tokenizer, test_rows):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    trained.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    frame = pd.DataFrame(test_rows[:6])
+    frame.assign(sentiment=["positive", "negative"] * 3).to_csv(tmp_path / "words.csv", index=False)
+    frame.assign(label=5).to_csv(tmp_path / "range.csv", index=False)
+    common = ["--model_paths", str(tmp_path / "model"), "--attacks", "pgd", "--disable_tqdm", "true"]
+    common += ["--output_dir", str(tmp_path / "out")]
+    cases = [
+        (["--dataset", str(tmp_path / "words.csv"), "--label_column_name", "sentiment"], "'positive'"),
+        (["--dataset", str(tmp_path / "range.csv")], "label '5' in column 'label' is not a class id"),
+        (["--dataset", str(tmp_path / "range.csv"), "--label_column_name", "labelz"], "No label column 'labelz'"),
+    ]
+    for argv, message in cases:
+        command = [sys.executable, "-m", "hf_adv.robustness", *common, *argv]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: ") and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr

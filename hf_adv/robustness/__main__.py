@@ -173,18 +173,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             raise model_load_error(path, error, "--model_paths") from error
         for attack_loss in args.attack_loss:
             row = name if len(args.attack_loss) == 1 else f"{name} ({attack_loss} attack)"
-            metrics = evaluate_robustness(
-                model,
-                rows,
-                tokenizer,
-                text_column=args.text_column_name,
-                label_column=args.label_column_name,
-                max_length=args.max_length,
-                batch_size=args.batch_size,
-                description=row,
-                attack_loss=attack_loss,
-                **args.evaluator_kwargs(),
-            )
+            try:
+                metrics = evaluate_robustness(
+                    model,
+                    rows,
+                    tokenizer,
+                    text_column=args.text_column_name,
+                    label_column=args.label_column_name,
+                    max_length=args.max_length,
+                    batch_size=args.batch_size,
+                    description=row,
+                    attack_loss=attack_loss,
+                    **args.evaluator_kwargs(),
+                )
+            except ValueError as error:  # the data does not fit the model: its labels
+                raise UsageError(f"--dataset {args.dataset}: {one_line(error)}") from error
             metrics["model"] = path
             metrics["settings"] = settings
             results[row] = metrics

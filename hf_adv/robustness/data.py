@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..losses import MULTI_LABEL, SINGLE_LABEL
+from ..losses import IGNORE_INDEX, MULTI_LABEL, SINGLE_LABEL
 from .core import LABEL_KEYS
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -53,7 +53,13 @@ def build_dataloader(
     columns = getattr(data, "column_names", None) or list(data[0].keys())
     label_key = next((k for k in (label_column, *LABEL_KEYS) if k in columns), None)
     if label_key is None:
-        raise ValueError(f"No label column {label_column!r} in the data set (columns: {columns}).")
+        raise ValueError(
+            f"No label column {label_column!r} in the data set (columns: {columns}); set --label_column_name."
+        )
+    if label_key != label_column and label_column != "label":  # a column asked for by name and missing
+        raise ValueError(
+            f"No label column {label_column!r} in the data set (columns: {columns}); set --label_column_name."
+        )
     features = []
     if "input_ids" in columns:
         keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in columns]
@@ -67,11 +73,22 @@ def build_dataloader(
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
         for i, row in enumerate(rows):
             features.append({k: encoded[k][i] for k in encoded.keys()} | {"labels": row[label_key]})
-    for feature in features:
-        if problem_type == MULTI_LABEL:
-            feature["labels"] = _labels_to_multi_hot(feature["labels"], num_labels)
-        else:
-            feature["labels"] = int(feature["labels"])
+    for index, feature in enumerate(features):
+        value = feature["labels"]
+        try:
+            if problem_type == MULTI_LABEL:
+                feature["labels"] = _labels_to_multi_hot(value, num_labels)
+            else:
+                feature["labels"] = int(value)
+                label = feature["labels"]
+                if num_labels is not None and label != IGNORE_INDEX and not 0 <= label < num_labels:
+                    raise IndexError
+        except (ValueError, TypeError, IndexError):
+            kind = "label ids (a list, or comma-separated)" if problem_type == MULTI_LABEL else "a class id"
+            raise ValueError(
+                f"Row {index + 1}: label {value!r} in column {label_key!r} is not {kind} of this model's "
+                f"{num_labels} labels ({problem_type}); give the labels as ids 0..{(num_labels or 1) - 1}."
+            ) from None
     features.sort(key=lambda f: len(f["input_ids"]))
     if tokenizer is not None:
         from transformers import DataCollatorWithPadding
@@ -167,10 +184,9 @@ def read_table(path: str, column_names: list[str] | None = None) -> pd.DataFrame
                 dtype=str,
                 keep_default_na=False,
             )
-        elif fmt == "json" and _starts_with_bracket(path):  # one JSON array of objects
-            frame = pd.read_json(path, dtype=False)
         elif fmt in ("jsonl", "json"):
-            frame = pd.read_json(path, lines=True, dtype=False)
+            array = fmt == "json" and _first_character(path) == "["  # one JSON array of objects
+            frame = pd.read_json(path, lines=not array, dtype=False, encoding="utf-8-sig")
         else:
             frame = pd.read_parquet(path)
     except pd.errors.EmptyDataError as error:
@@ -184,9 +200,9 @@ def read_table(path: str, column_names: list[str] | None = None) -> pd.DataFrame
     return frame.reset_index(drop=True)
 
 
-def _starts_with_bracket(path: str) -> bool:
-    import gzip
+def _first_character(path: str) -> str:
+    """The first non-blank character of a text file, decompressed as pandas would (any of `COMPRESSIONS`)."""
+    from pandas.io.common import get_handle
 
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-        return handle.read(4096).lstrip().startswith("[")
+    with get_handle(path, "r", compression="infer", encoding="utf-8-sig") as handle:
+        return handle.handle.read(4096).lstrip()[:1]

@@ -38,6 +38,7 @@ from .data import (
     tokenize,
 )
 from .summary import (
+    build_trainer,
     describe_method,
     describe_outputs,
     describe_robustness,
@@ -51,6 +52,7 @@ from .summary import (
 )
 
 __all__ = [
+    "build_trainer",
     "DataArguments",
     "DataError",
     "ModelArguments",

@@ -6,10 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hf_adv.cli import UsageError, one_line
+
 from .arguments import RobustnessReportArguments
 
 
 # -- reporting --------------------------------------------------------------------------------------------------------
+def build_trainer(trainer_class, **kwargs):
+    """`trainer_class(**kwargs)`, with a set-up the trainer refuses (a `ValueError` at construction: a method's flags,
+    the distillation teacher) answered in one line, exit status 2, as a bad flag is."""
+    try:
+        return trainer_class(**kwargs)
+    except ValueError as error:
+        raise UsageError(one_line(error)) from error
+
+
 def train_and_save(trainer, checkpoint: str | None, train_samples: int) -> tuple:
     """Train (resuming from `checkpoint` if given), save the model and tokenizer (main process only), and log and save
     the training metrics and the trainer state; returns the `TrainOutput` and the metrics."""
