@@ -194,7 +194,8 @@ class AdversarialMixin:
     Logged with the training loss, to every `report_to` integration: `clean_loss`, `adv_loss`, `vat_loss` (means
     over the micro-batches since the last log), `adv_perturbation_norm`, and `adv_skipped` / `vat_skipped` (attacks
     skipped because the gradient norm was 0, NaN or Inf). The reported `loss` stays the clean loss, comparable with
-    a plain `Trainer` run.
+    a plain `Trainer` run (with distillation, `teacher_model=` or `distill_teacher`, every pass's loss is the
+    distillation loss: see `hf_adv.distillation`).
 
     Raises:
         `TypeError`: when `args` is not an `AdversarialTrainingArguments`.
