@@ -77,7 +77,9 @@ def training_args(tmp_path, cls=AdversarialTrainingArguments, **overrides):
     return cls(**defaults)
 
 
-def make_trainer(tmp_path, model=None, dataset=None, plain: bool = False, teacher=None, **overrides):
+def make_trainer(
+    tmp_path, model=None, dataset=None, plain: bool = False, teacher=None, eval_dataset=None, **overrides
+):
     model = model if model is not None else tiny_model()
     dataset = dataset if dataset is not None else make_dataset()
     if plain:
@@ -85,6 +87,8 @@ def make_trainer(tmp_path, model=None, dataset=None, plain: bool = False, teache
             model=model, args=training_args(tmp_path, TrainingArguments, **overrides), train_dataset=dataset
         )
     extra = {"teacher_model": teacher} if teacher is not None else {}
+    if eval_dataset is not None:
+        extra["eval_dataset"] = eval_dataset
     return AdversarialTrainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=dataset, **extra)
 
 

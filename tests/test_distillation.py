@@ -1,5 +1,6 @@
 """Defensive distillation: the student's gradients equal a straightforward reference, alone and with FGM, for
-softmax and multi-label models; the refusals; a run through `train()` with the teacher loaded from a folder."""
+softmax and multi-label models; the refusals; a run through `train()` with the teacher loaded from a folder.
+(Accumulation, restore and checkpoints: `distill` and `fgm+distill` in test_trainer.py's METHODS; DDP: ddp_worker.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import reference
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_dicts, grads, make_batch, make_dataset, make_trainer, state, tiny_model
+from conftest import assert_close_dicts, grads, make_batch, make_trainer, state, tiny_model
 
 from hf_adv import AdversarialTrainingArguments
 
@@ -123,31 +124,6 @@ def test_distillation_refusals(tmp_path):
         make_trainer(tmp_path, model=model, teacher=model)
     with pytest.raises(ValueError, match="classification model"):
         make_trainer(tmp_path, model=tiny_model(num_labels=1), teacher=tiny_model(num_labels=1))
-
-
-@pytest.mark.parametrize("adv_method", ["none", "fgm"])
-def test_distillation_accumulation_is_mean_of_micro_batches(tmp_path, adv_method):
-    """Batch 4 with GA 2 gives the mean of the updates its two micro-batches give as separate batches (SGD), with the
-    teacher run on each micro-batch's own rows."""
-    dataset = make_dataset(8)
-    teacher = tiny_model(seed=5)
-    initial = state(tiny_model())
-    flags = {"adv_method": adv_method, "distill_temperature": 5.0, "distill_hard_weight": 0.5}
-    accumulated = make_trainer(
-        tmp_path / "ga", dataset=dataset, gradient_accumulation_steps=2, max_steps=1, teacher=teacher, **flags
-    )
-    accumulated.train()
-    updates = []
-    for i in range(2):
-        part = dataset.select(range(4 * i, 4 * i + 4))
-        single = make_trainer(tmp_path / f"mb{i}", dataset=part, max_steps=1, teacher=teacher, **flags)
-        single.train()
-        updates.append({n: v - initial[n] for n, v in state(single.model).items()})
-    expected = {n: initial[n] + (updates[0][n] + updates[1][n]) / 2 for n in initial}
-    assert_close_dicts(state(accumulated.model), expected, atol=1e-6)
-    plain = make_trainer(tmp_path / "plain", dataset=dataset, gradient_accumulation_steps=2, max_steps=1)
-    plain.train()
-    assert any(not torch.allclose(state(plain.model)[n], v, atol=1e-7) for n, v in expected.items())
 
 
 def test_distillation_reads_multi_label_from_float_labels(tmp_path):

@@ -28,6 +28,10 @@ from hf_adv import AWP, FGM, PGD, AdversarialTrainer, AdversarialTrainingArgumen
 # Every registered method with its first case in tests/reference.py, and a perturbation with a regularizer.
 METHODS = {name: reference.first_case(name).flags for name in list_methods(None)}
 METHODS["fgm+vat"] = dict(adv_method="fgm", adv_epsilon=0.5, vat_weight=1.0)
+# Defensive distillation, alone and with FGM: every pass's loss becomes the distillation loss (`teacher` is passed
+# as `teacher_model=`).
+METHODS["distill"] = dict(distill_temperature=5.0, distill_hard_weight=0.5, teacher=tiny_model(seed=5))
+METHODS["fgm+distill"] = dict(adv_method="fgm", adv_epsilon=0.5, **METHODS["distill"])
 # Methods whose perturbation carries over from one micro-batch to the next: a micro-batch's update depends on the
 # ones before it, so accumulation is not the mean of independent single-batch runs (the step-level test holds).
 CARRIES_STATE = {name for name in METHODS if name in reference.CASES and reference.CASES[name].steps > 1}
@@ -128,21 +132,18 @@ def test_checkpoints_and_evaluation_never_see_perturbed_weights(tmp_path, name):
     """With learning rate 0 every checkpoint and every evaluation must see exactly the initial weights."""
     initial = state(tiny_model())
     eval_dataset = make_dataset(8, seed=5)
-    trainer = AdversarialTrainer(
-        model=tiny_model(),
-        args=training_args(
-            tmp_path,
-            learning_rate=0.0,
-            max_steps=2,
-            save_strategy="steps",
-            save_steps=1,
-            eval_strategy="steps",
-            eval_steps=1,
-            per_device_eval_batch_size=4,
-            **METHODS[name],
-        ),
-        train_dataset=make_dataset(),
+    trainer = make_trainer(
+        tmp_path,
+        dataset=make_dataset(),
         eval_dataset=eval_dataset,
+        learning_rate=0.0,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=4,
+        **METHODS[name],
     )
     trainer.train()
     for step in (1, 2):
