@@ -100,9 +100,13 @@ class Distillation:
             teacher.to(device)
         return cls(teacher, problem_type, args.distill_temperature, args.distill_hard_weight)
 
-    def describe(self) -> str:
-        hard = f", hard-label weight {self.hard_weight:g}" if self.hard_weight else ""
-        return f"distillation (temperature {self.temperature:g}{hard})"
+    @staticmethod
+    def describe(args) -> str | None:
+        """The distillation `args` configure, in one phrase for logs and summaries (None without a teacher path)."""
+        if not getattr(args, "distill_teacher", None):
+            return None
+        hard = f", hard-label weight {args.distill_hard_weight:g}" if args.distill_hard_weight else ""
+        return f"distillation from {args.distill_teacher} (temperature {args.distill_temperature:g}{hard})"
 
     def teacher_logits(self, batch: dict) -> torch.Tensor:
         """The teacher's logits on `batch` (its model inputs), without gradient; the last batch's are kept, so the

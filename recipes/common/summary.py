@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from hf_adv.cli import UsageError, one_line
+from hf_adv.distillation import Distillation
 
 from .arguments import RobustnessReportArguments
 
@@ -70,9 +71,9 @@ def describe_method(training_args) -> str:
     start = args.resolved_start_epoch
     if parts and (start > 0 or args.adv_start_step > 0):
         parts.append(f"from epoch {start:g}" + (f" and step {args.adv_start_step}" if args.adv_start_step else ""))
-    if getattr(args, "distill_teacher", None):
-        hard = f", hard-label weight {args.distill_hard_weight:g}" if args.distill_hard_weight else ""
-        parts.append(f"distillation from {args.distill_teacher} (temperature {args.distill_temperature:g}{hard})")
+    distillation = Distillation.describe(args)
+    if distillation:
+        parts.append(distillation)
     return " + ".join(parts) if parts else "none (plain fine-tuning)"
 
 
