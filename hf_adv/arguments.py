@@ -195,6 +195,15 @@ class AdversarialTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={"help": "Distillation: weight of the loss on the true labels added to the soft loss (0: none)."},
     )
+    # -- semi-supervised training -----------------------------------------------------------------------------------
+    unlabeled_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "With an unlabeled_dataset (semi-supervised VAT): unlabelled rows each batch carries per labelled "
+            "row, e.g. 3 = three unlabelled per labelled row (a fraction is met on average). Epochs and max_steps "
+            "still count labelled rows. Read only when the trainer is given unlabeled_dataset."
+        },
+    )
     # -- robustness in evaluate() -----------------------------------------------------------------------------------
     robust_eval_epsilons: list[float] | None = field(
         default=None,
@@ -271,6 +280,8 @@ class AdversarialTrainingArguments(TrainingArguments):
             raise ValueError(f"adv_start_step must be >= 0, got {self.adv_start_step}.")
         if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
             raise ValueError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}.")
+        if not (self.unlabeled_ratio > 0 and math.isfinite(self.unlabeled_ratio)):
+            raise ValueError(f"unlabeled_ratio must be a finite number > 0, got {self.unlabeled_ratio}.")
         if not (self.distill_hard_weight >= 0 and math.isfinite(self.distill_hard_weight)):
             raise ValueError(f"distill_hard_weight must be a finite number >= 0, got {self.distill_hard_weight}.")
         configured = self.configured_methods()
@@ -311,6 +322,26 @@ class AdversarialTrainingArguments(TrainingArguments):
     def describe_methods(self) -> str:
         """The configured methods in one phrase (`none` when there are none)."""
         return " + ".join(described for _, described in self.configured_methods()) or "none"
+
+    @property
+    def uses_unlabelled_rows(self) -> bool:
+        """Whether a configured method learns from rows without labels (VAT): what unlabelled data needs."""
+        return any(cls.uses_unlabelled_rows for cls, _ in self.configured_methods())
+
+    def check_unlabeled_data(self, source: str = "unlabeled_dataset") -> None:
+        """Refuse unlabelled data (named `source`) that no configured method would use.
+
+        Raises:
+            `ValueError`: when no configured method learns from unlabelled rows (VAT needs `vat_weight > 0`).
+        """
+        if not self.uses_unlabelled_rows:
+            users = [name for name in list_methods(None) if get_method_class(name).uses_unlabelled_rows]
+            flags = [getattr(get_method_class(name), "weight_field", "") or "adv_method" for name in users]
+            raise ValueError(
+                f"{source} is given, but the configured methods ({self.describe_methods()}) do not learn from "
+                f"unlabelled rows: only {', '.join(users)} does, and it is off ({', '.join(f + '=0' for f in flags)}). "
+                f"Set {flags[0]} > 0 (e.g. {flags[0]}=1.0), or leave the unlabelled data out."
+            )
 
     @property
     def adversarial(self) -> bool:

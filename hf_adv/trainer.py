@@ -38,6 +38,7 @@ from .embedding import EmbeddingTap, decoder_lookups, find_input_embedding, look
 from .losses import unlabelled_rows
 from .methods import AdversarialMethod, Regularizer
 from .robustness import adversarial_accuracy
+from .semi_supervised import UnlabeledMixCollator, UnlabeledMixDataset
 from .step import TrainingStep, select_rows
 
 logger = logging.get_logger(__name__)
@@ -189,7 +190,10 @@ class AdversarialMixin:
     parent's, untouched.
 
     A batch row whose labels are all -100 is unlabelled: it gets no supervised pass (clean or adversarial), only the
-    VAT term (semi-supervised VAT).
+    VAT term (semi-supervised VAT). `unlabeled_dataset=` (examples with the model inputs of `train_dataset`; any
+    label is ignored) mixes `args.unlabeled_ratio` unlabelled rows per labelled row into every training batch
+    (`hf_adv.semi_supervised`); epochs and `max_steps` still count labelled rows, and the logs add the rows seen,
+    `labeled_rows` and `unlabeled_rows` (totals over processes since the last log).
 
     Logged with the training loss, to every `report_to` integration: `clean_loss`, `adv_loss`, `vat_loss` (means
     over the micro-batches since the last log), `adv_perturbation_norm`, and `adv_skipped` / `vat_skipped` (attacks
@@ -210,6 +214,7 @@ class AdversarialMixin:
         args: AdversarialTrainingArguments | None = None,
         *a,
         teacher_model: nn.Module | None = None,
+        unlabeled_dataset=None,
         **kw,
     ):
         if args is None:
@@ -221,7 +226,17 @@ class AdversarialMixin:
                 f"them: `@dataclass class Config(AdversarialTrainingArguments, {type(args).__name__}): pass`), or use "
                 "the parent trainer for plain training."
             )
+        if unlabeled_dataset is None and args.unlabeled_ratio != 1.0:
+            raise ValueError(
+                f"unlabeled_ratio={args.unlabeled_ratio} is read only with unlabelled data, and there is none: pass "
+                "unlabeled_dataset=... (semi-supervised VAT), or leave unlabeled_ratio at its default."
+            )
+        if unlabeled_dataset is not None:
+            args.check_unlabeled_data()
         super().__init__(model, args, *a, **kw)
+        self.unlabeled_dataset = unlabeled_dataset
+        if unlabeled_dataset is not None:
+            self._mix_unlabeled(unlabeled_dataset)
         # Models whose forward takes **kwargs are given `num_items_in_batch` and trusted to divide by it, which
         # sequence-classification heads do not do: gradient accumulation would then sum instead of average. Only
         # models whose own loss does divide by it (language models, token classification) keep it.
@@ -275,8 +290,12 @@ class AdversarialMixin:
         return wrapped
 
     def train(self, *args, **kwargs):
+        """The parent's; with `unlabeled_dataset`, the returned metrics add `train_labeled_rows` and
+        `train_unlabeled_rows`, the rows this call trained on, summed over processes (every process must call it, as
+        for any training)."""
+        self._rows_seen = torch.zeros(2, dtype=torch.float64)
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
         except RuntimeError as error:
             if getattr(self, "_chose_find_unused_false", False) and _UNUSED_PARAMETER_ERROR in str(error):
                 raise RuntimeError(
@@ -285,6 +304,13 @@ class AdversarialMixin:
                     "ddp_find_unused_parameters=True (--ddp_find_unused_parameters true)."
                 ) from error
             raise
+        if self.unlabeled_dataset is not None:
+            seen = self._rows_seen.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                seen = self.accelerator.reduce(seen, reduction="sum")
+            output.metrics["train_labeled_rows"] = int(seen[0])
+            output.metrics["train_unlabeled_rows"] = int(seen[1])
+        return output
 
     def _check_supported(self) -> None:
         args = self.args
@@ -362,10 +388,57 @@ class AdversarialMixin:
         self._methods_model = unwrap_model(model)
         self._metric_names = ["clean_loss"]
         self._summed_metrics: set[str] = set()
+        if getattr(self, "unlabeled_dataset", None) is not None:
+            self._metric_names += ["labeled_rows", "unlabeled_rows"]
+            self._summed_metrics.update(("labeled_rows", "unlabeled_rows"))
         for method in [self.adversary, *self.regularizers]:
             if method is not None:
                 self._metric_names += [m for m in method.metrics if m not in self._metric_names]
                 self._summed_metrics.update(method.summed_metrics)
+
+    def _mix_unlabeled(self, unlabeled_dataset) -> None:
+        """Make every training batch carry `unlabeled_ratio` unlabelled rows per labelled row (see
+        `hf_adv.semi_supervised`): `train_dataset` becomes an `UnlabeledMixDataset` and the collator an
+        `UnlabeledMixCollator`, which evaluation batches go through unchanged."""
+        args = self.args
+        train = self.train_dataset
+        if train is None or isinstance(train, torch.utils.data.IterableDataset) or not hasattr(train, "__len__"):
+            raise ValueError(
+                "unlabeled_dataset needs a train_dataset with a length (a datasets.Dataset or a map-style torch "
+                f"Dataset), got {type(train).__name__}: each labelled row brings its share of unlabelled rows."
+            )
+        if isinstance(unlabeled_dataset, torch.utils.data.IterableDataset) or not hasattr(
+            unlabeled_dataset, "__len__"
+        ):
+            raise ValueError(
+                f"unlabeled_dataset must be a datasets.Dataset or a map-style dataset with a length, got "
+                f"{type(unlabeled_dataset).__name__}."
+            )
+        if getattr(args, "group_by_length", False):  # removed in transformers 5.x
+            raise ValueError(
+                "group_by_length=True sorts the training rows by length, which the batches mixed with unlabelled "
+                "rows cannot follow: set group_by_length=False with unlabeled_dataset."
+            )
+        if isinstance(train, UnlabeledMixDataset):
+            raise ValueError("train_dataset is already mixed with unlabelled rows: pass the labelled dataset itself.")
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - datasets is a dependency of the recipes, not of the trainer
+            datasets = None
+        if datasets is not None and args.remove_unused_columns:
+            # The columns the model does not take (texts, ids) go, as the parent does for its own datasets.
+            if isinstance(train, datasets.Dataset):
+                train = self._remove_unused_columns(train, description="training")
+            if isinstance(unlabeled_dataset, datasets.Dataset):
+                unlabeled_dataset = self._remove_unused_columns(unlabeled_dataset, description="training")
+        self.train_dataset = UnlabeledMixDataset(
+            train,
+            unlabeled_dataset,
+            args.unlabeled_ratio,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+        train_collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        self.data_collator = UnlabeledMixCollator(self.data_collator, train_collator)
 
     @property
     def vat(self):
@@ -391,7 +464,9 @@ class AdversarialMixin:
     # -- the training step -------------------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None, *args, **kwargs) -> torch.Tensor:
         attacking = self.args.adversarial and self._attack_active()
-        if not attacking and self.distillation is None:
+        if self.unlabeled_dataset is not None:
+            self._count_rows(inputs)
+        if not attacking and self.distillation is None and self.unlabeled_dataset is None:
             if _PARENT_SUMS_MICRO_BATCHES and self.args.gradient_accumulation_steps > 1:
                 return self._clean_training_step(model, inputs, num_items_in_batch)
             return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
@@ -510,6 +585,18 @@ class AdversarialMixin:
         self.accelerator.backward(loss)
         return loss.detach()
 
+    def _count_rows(self, inputs: dict) -> None:
+        """Record the labelled and unlabelled rows of this micro-batch (logged as totals)."""
+        labels = inputs.get(self.label_names[0]) if getattr(self, "label_names", None) else inputs.get("labels")
+        missing = unlabelled_rows(labels)
+        rows = int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
+        unlabelled = int(missing.sum()) if missing is not None else 0
+        self._record("labeled_rows", rows - unlabelled)
+        self._record("unlabeled_rows", unlabelled)
+        seen = getattr(self, "_rows_seen", None)
+        if seen is not None:
+            seen += torch.tensor([rows - unlabelled, unlabelled], dtype=torch.float64)
+
     def _labelled_rows(self, inputs: dict) -> dict | None:
         """The batch without its unlabelled rows (all labels -100): `inputs` itself when every row is labelled, None
         when none is."""
@@ -553,7 +640,9 @@ class AdversarialMixin:
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Merge the adversarial metrics into the training logs, reduced over processes, then log as the parent."""
-        if "loss" in logs and (self.args.adversarial or self.distillation is not None):
+        if "loss" in logs and (
+            self.args.adversarial or self.distillation is not None or self.unlabeled_dataset is not None
+        ):
             # Every rank reduces the same fixed-size tensors, whatever it recorded, so no rank waits on another.
             device = self.args.device
             names = self._metric_names

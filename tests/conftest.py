@@ -78,7 +78,14 @@ def training_args(tmp_path, cls=AdversarialTrainingArguments, **overrides):
 
 
 def make_trainer(
-    tmp_path, model=None, dataset=None, plain: bool = False, teacher=None, eval_dataset=None, **overrides
+    tmp_path,
+    model=None,
+    dataset=None,
+    plain: bool = False,
+    teacher=None,
+    eval_dataset=None,
+    unlabeled_dataset=None,
+    **overrides,
 ):
     model = model if model is not None else tiny_model()
     dataset = dataset if dataset is not None else make_dataset()
@@ -89,6 +96,8 @@ def make_trainer(
     extra = {"teacher_model": teacher} if teacher is not None else {}
     if eval_dataset is not None:
         extra["eval_dataset"] = eval_dataset
+    if unlabeled_dataset is not None:
+        extra["unlabeled_dataset"] = unlabeled_dataset
     return AdversarialTrainer(model=model, args=training_args(tmp_path, **overrides), train_dataset=dataset, **extra)
 
 

@@ -63,6 +63,8 @@ class Method:
     # Whether the method writes weights during the step (AWP, by design; restored bit for bit after its pass).
     moves_weights: bool = False
     default_start_epoch: float = 0.0
+    # Whether the method's term uses the rows without labels (VAT): the trainer's `unlabeled_dataset` needs one.
+    uses_unlabelled_rows: bool = False
     metrics: tuple[str, ...] = ()
     summed_metrics: tuple[str, ...] = ()
     # Flags of `AdversarialTrainingArguments` that only this method (and others declaring them) reads: setting one

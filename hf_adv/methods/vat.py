@@ -47,6 +47,7 @@ class VAT(Regularizer):
     """
 
     name = "vat"
+    uses_unlabelled_rows = True
     own_flags = ("vat_epsilon", "vat_xi", "vat_iterations", "vat_divergence")
     weight_field = "vat_weight"
     metrics = ("vat_loss", "vat_skipped")

@@ -1,0 +1,202 @@
+"""Semi-supervised VAT: unlabelled rows mixed into the batches (`hf_adv.semi_supervised`, `unlabeled_dataset=`)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import reference
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_dicts, grads, make_dataset, make_trainer, tiny_model, training_args
+from datasets import Dataset
+
+from hf_adv import AdversarialTrainer
+from hf_adv.semi_supervised import MixedExample, UnlabeledMixCollator, UnlabeledMixDataset
+
+
+def unlabelled(n: int = 6, seed: int = 2, seq_len: int = 10) -> Dataset:
+    return make_dataset(n, seq_len=seq_len, seed=seed).remove_columns("labels")
+
+
+# -- the mixed dataset ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [1.0, 2.5, 3.0, 0.5])
+def test_every_unlabelled_row_is_used_once_before_any_is_used_again(ratio):
+    labelled = [{"i": i} for i in range(10)]
+    pool = [{"u": j} for j in range(7)]
+    mixed = UnlabeledMixDataset(labelled, pool, ratio, seed=3)
+    assert len(mixed) == 10 and mixed.per_epoch() == int(10 * ratio)
+    stream = []
+    for epoch in range(3):
+        mixed.set_epoch(epoch)
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(epoch)).tolist()  # any sampler order
+        items = {i: mixed[i] for i in order}
+        for i in range(10):
+            assert isinstance(items[i], MixedExample) and items[i][0] == {"i": i}
+            if ratio == int(ratio):
+                assert len(items[i]) == 1 + int(ratio)
+        stream += [u["u"] for i in range(10) for u in items[i][1:]]
+    assert len(stream) == 3 * int(10 * ratio)
+    for start in range(0, len(stream) - 6, 7):  # each cycle through the pool is a permutation of it
+        assert sorted(stream[start : start + 7]) == list(range(7))
+
+
+def test_unlabelled_rows_depend_on_the_seed_and_the_epoch_only():
+    labelled, pool = list(range(8)), list(range(100, 140))
+    a, b, c = (UnlabeledMixDataset(labelled, pool, 2.0, seed=s) for s in (0, 0, 1))
+    assert [a[i] for i in range(8)] == [b[i] for i in range(8)]  # reproducible (any worker, any process)
+    assert [a[i] for i in range(8)] != [c[i] for i in range(8)]
+    first = [a[i] for i in range(8)]
+    a.set_epoch(1)
+    assert [a[i] for i in range(8)] != first
+
+
+@pytest.mark.parametrize(
+    "labelled, unlabelled_rows, ratio, message",
+    [
+        ([1], [], 1.0, "unlabeled_dataset is empty"),
+        ([], [1], 1.0, "labelled training dataset is empty"),
+        ([1], [1], 0.0, "unlabeled_ratio must be a finite number > 0, got 0.0"),
+        ([1], [1], float("nan"), "unlabeled_ratio must be a finite number > 0"),
+    ],
+)
+def test_mixed_dataset_refuses(labelled, unlabelled_rows, ratio, message):
+    with pytest.raises(ValueError, match=message):
+        UnlabeledMixDataset(labelled, unlabelled_rows, ratio)
+
+
+def test_collator_puts_labelled_rows_first_and_gives_unlabelled_rows_minus_100_in_the_labels_form():
+    seen = []
+
+    def collate(rows):
+        seen.append(rows)
+        return rows
+
+    collator = UnlabeledMixCollator(collate)
+    multi_hot = MixedExample([{"x": 1, "labels": [1.0, 0.0, 1.0]}, {"x": 2, "labels": [0.0, 1.0, 1.0]}, {"x": 3}])
+    rows = collator([multi_hot, MixedExample([{"x": 4, "labels": [0.0, 0.0, 1.0]}, {"x": 5}])])
+    assert [r["x"] for r in rows] == [1, 4, 2, 3, 5]
+    assert rows[0]["labels"] == [1.0, 0.0, 1.0]  # labelled rows untouched
+    assert all(r["labels"] == [-100.0] * 3 for r in rows[2:])  # the unlabelled row's own labels are dropped
+    class_id = collator([MixedExample([{"x": 1, "label": 1}, {"x": 2, "label": 0}])])
+    assert class_id[1] == {"x": 2, "label": -100}
+    plain = [{"x": 1, "labels": 0}]
+    assert collator(plain) == plain  # evaluation batches pass through unchanged
+    with pytest.raises(ValueError, match="none of the label keys"):
+        collator([MixedExample([{"x": 1}, {"x": 2}])])
+
+
+# -- in the trainer ---------------------------------------------------------------------------------------------------
+def test_every_batch_carries_its_share_under_gradient_accumulation(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        dataset=make_dataset(12),
+        unlabeled_ratio=2.0,
+        vat_weight=1.0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=3,
+        unlabeled_dataset=unlabelled(10),
+    )
+    batches = list(trainer.get_train_dataloader())
+    assert len(batches) == 6  # an epoch is one pass over the 12 labelled rows
+    unlabelled_rows = 0
+    for batch in batches:
+        missing = batch["labels"] == -100
+        assert batch["labels"].shape == (6,) and int((~missing).sum()) == 2 and bool(missing[2:].all())
+        unlabelled_rows += int(missing.sum())
+    assert unlabelled_rows == 24  # 2 per labelled row: the 10-row pool cycled through 2.4 times
+
+
+def test_a_mixed_batch_trains_the_labelled_loss_and_the_vat_term_of_every_row(tmp_path, deterministic_vat_noise):
+    """Gradient of one mixed micro-batch = mean cross-entropy over its labelled rows + vat_weight x LDS over all of
+    its rows (Miyato et al.'s semi-supervised objective), as the reference implementation computes it."""
+    model, reference_model = tiny_model(), tiny_model()
+    trainer = make_trainer(tmp_path, model=model, vat_weight=0.5, unlabeled_ratio=1.5, unlabeled_dataset=unlabelled(5))
+    batch = next(iter(trainer.get_train_dataloader()))
+    labelled = batch["labels"] != -100
+    assert int(labelled.sum()) == 4 and batch["labels"].shape[0] == 10
+    noise = deterministic_vat_noise(None, (*batch["input_ids"].shape, 32), torch.zeros(1))
+    lds = reference.vat_term(reference_model, batch, noise, epsilon=1.0, xi=10.0, iterations=1)
+    reference_model.zero_grad()
+    inputs = {k: v[labelled] for k, v in batch.items()}
+    (reference_model(**inputs).loss + 0.5 * lds).backward()
+
+    loss = trainer.training_step(trainer.model, dict(batch))
+    assert_close_dicts(grads(model), grads(reference_model))
+    torch.testing.assert_close(loss, reference_model(**inputs).loss.detach())
+
+
+def test_before_vat_starts_unlabelled_rows_get_no_supervised_loss(tmp_path):
+    """Until `adv_start_step`, a step is plain training, on the labelled rows alone: multi-hot -100 targets would
+    otherwise enter the BCE as numbers."""
+    kwargs = {"num_labels": 3, "problem_type": "multi_label_classification"}
+    model, reference_model = tiny_model(**kwargs), tiny_model(**kwargs)
+    trainer = make_trainer(
+        tmp_path,
+        model=model,
+        dataset=make_dataset(8, multi_label=True, num_labels=3),
+        vat_weight=1.0,
+        adv_start_step=5,
+        unlabeled_dataset=unlabelled(4),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    labelled = (batch["labels"] != -100).all(-1)
+    assert int(labelled.sum()) == 4 and int((~labelled).sum()) == 4
+    loss = trainer.training_step(trainer.model, dict(batch))
+    logits = reference_model(input_ids=batch["input_ids"][labelled], attention_mask=batch["attention_mask"][labelled])
+    expected = F.binary_cross_entropy_with_logits(logits.logits, batch["labels"][labelled])
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    assert_close_dicts(grads(model), grads(reference_model))
+
+
+def test_training_counts_labelled_epochs_and_logs_the_rows_seen(tmp_path):
+    logs = []
+
+    class Keep(__import__("transformers").TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs_list.append(dict(logs or {}))
+
+    logs_list = logs
+    trainer = AdversarialTrainer(
+        model=tiny_model(),
+        args=training_args(tmp_path, vat_weight=1.0, unlabeled_ratio=3.0, num_train_epochs=2, logging_steps=1),
+        train_dataset=make_dataset(8, seq_len=6),
+        unlabeled_dataset=unlabelled(5, seq_len=6).add_column("text", ["t"] * 5),  # unused columns are dropped
+        callbacks=[Keep()],
+    )
+    output = trainer.train()
+    assert output.global_step == 4  # 2 epochs of 8 labelled rows in batches of 4
+    assert output.metrics["train_labeled_rows"] == 16 and output.metrics["train_unlabeled_rows"] == 48
+    steps = [entry for entry in logs if "loss" in entry]
+    assert [entry["labeled_rows"] for entry in steps] == [4] * 4
+    assert [entry["unlabeled_rows"] for entry in steps] == [12] * 4
+    assert all(entry["vat_loss"] > 0 for entry in steps)
+    counts = collections.Counter()
+    mixed = trainer.train_dataset
+    for epoch in range(2):
+        for i in range(len(mixed)):
+            counts.update(mixed.unlabelled_indices(i, epoch))
+    assert sum(counts.values()) == 48 and set(counts) == set(range(5))
+
+
+@pytest.mark.parametrize(
+    "overrides, dataset, message",
+    [
+        ({"vat_weight": 0.0}, unlabelled, r"do not learn from unlabelled rows: only vat does.*vat_weight=0"),
+        ({"vat_weight": 0.0, "adv_method": "fgm"}, unlabelled, r"configured methods \(fgm"),
+        ({"vat_weight": 1.0, "unlabeled_ratio": 2.0}, None, r"unlabeled_ratio=2.0 is read only with unlabelled"),
+        ({"vat_weight": 1.0}, lambda: unlabelled().select([]), "unlabeled_dataset is empty"),
+    ],
+)
+def test_refused_at_construction(tmp_path, overrides, dataset, message):
+    extra = {"unlabeled_dataset": dataset()} if dataset is not None else {}
+    with pytest.raises(ValueError, match=message):
+        AdversarialTrainer(
+            model=tiny_model(), args=training_args(tmp_path, **overrides), train_dataset=make_dataset(), **extra
+        )
+
+
+def test_unlabeled_ratio_is_checked_by_the_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unlabeled_ratio must be a finite number > 0, got -1"):
+        training_args(tmp_path, unlabeled_ratio=-1.0)
