@@ -337,9 +337,10 @@ class AdversarialTrainingArguments(TrainingArguments):
         if not self.uses_unlabelled_rows:
             users = [name for name in list_methods(None) if get_method_class(name).uses_unlabelled_rows]
             flags = [getattr(get_method_class(name), "weight_field", "") or "adv_method" for name in users]
+            off = ", ".join(f"{flag}=0" for flag in flags)
             raise ValueError(
                 f"{source} is given, but the configured methods ({self.describe_methods()}) do not learn from "
-                f"unlabelled rows: only {', '.join(users)} does, and it is off ({', '.join(f + '=0' for f in flags)}). "
+                f"unlabelled rows: only {', '.join(users)} does, and it is off ({off}). "
                 f"Set {flags[0]} > 0 (e.g. {flags[0]}=1.0), or leave the unlabelled data out."
             )
 

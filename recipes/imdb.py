@@ -39,16 +39,19 @@ from common import (
     RobustnessReportArguments,
     build_trainer,
     check_output_dir,
+    check_unlabeled_flags,
     clean_texts,
     describe_method,
     describe_outputs,
     describe_robustness,
     describe_splits,
     describe_training,
+    describe_unlabeled,
     finish_splits,
     format_duration,
     load_model_and_tokenizer,
     load_raw_splits,
+    load_unlabeled,
     parse_arguments,
     parse_int,
     print_summary,
@@ -91,6 +94,16 @@ class ImdbDataArguments(DataArguments):
         default=None,
         metadata={"help": "Column holding the label; default: the first of 'label', 'sentiment', 'labels'."},
     )
+    unlabeled_from_unsup: bool = field(
+        default=False,
+        metadata={
+            "help": "Use IMDB's 50,000 unlabelled reviews as unlabelled text for semi-supervised VAT: the Hub "
+            "dataset's 'unsupervised' split, or train/unsup/ of the --data_dir tree (Miyato et al. 2017)."
+        },
+    )
+
+    def unlabeled_sources(self) -> list[str]:
+        return super().unlabeled_sources() + (["--unlabeled_from_unsup true"] if self.unlabeled_from_unsup else [])
 
 
 def encode_labels(raw: RawSplit, column: str, class_names: list[str]) -> list[int]:
@@ -132,11 +145,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"adversarial: {describe_method(training_args)}"
     )
     checkpoint = check_output_dir(training_args)
+    unlabeled_sources = check_unlabeled_flags(data_args, training_args)
     set_seed(training_args.seed)
 
     # -- data: read, check and encode every split before any model is loaded ------------------------------------
     with training_args.main_process_first(desc="load data"):
-        raw_splits, features = load_raw_splits(data_args, model_args)
+        unsup = ("unsupervised", "train/unsup") if data_args.unlabeled_from_unsup else None
+        raw_splits, features = load_raw_splits(data_args, model_args, unlabeled=unsup)
+        unlabeled = load_unlabeled(data_args, raw_splits, TEXT_COLUMNS)
+        raw_splits.pop("unlabeled", None)
     train_labels = resolve_column(
         raw_splits["train"], data_args.label_column_name, LABEL_COLUMNS, "label", "--label_column_name"
     )
@@ -156,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for split, frame in frames.items():
         counts = np.bincount(frame["label"], minlength=len(class_names))
         logger.info(f"{split}: {len(frame)} examples, " + ", ".join(f"{n} {c}" for c, n in zip(class_names, counts)))
+    if unlabeled is not None:
+        logger.info(f"unlabelled: {len(unlabeled)} texts ({', '.join(unlabeled_sources)})")
 
     # -- model and tokenizer --------------------------------------------------------------------------------------
     model, tokenizer = load_model_and_tokenizer(
@@ -174,6 +193,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
             for split, frame in frames.items()
         }
+        unlabeled_dataset = None
+        if unlabeled is not None:
+            unlabeled_dataset = tokenize(
+                Dataset.from_dict({"text": unlabeled["text"].tolist()}), tokenizer, data_args.max_seq_length
+            )
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         predicted = np.asarray(prediction.predictions).argmax(-1)
@@ -191,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
+        unlabeled_dataset=unlabeled_dataset,
     )
     train_result, train_metrics = train_and_save(trainer, checkpoint, len(frames["train"]))
 
@@ -233,6 +258,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         lines = [
             f"model       {model_args.model_name_or_path}",
             f"data        {source}: {describe_splits(frames)}",
+        ]
+        if unlabeled is not None:
+            ratio = training_args.unlabeled_ratio
+            lines.append(f"unlabelled  {describe_unlabeled(len(unlabeled), unlabeled_sources, ratio, train_metrics)}")
+        lines += [
             f"training    {describe_training(train_result, training_args.seed)}",
             f"validation  accuracy {eval_metrics['eval_accuracy']:.4f}, f1 {eval_metrics['eval_f1']:.4f}",
         ]

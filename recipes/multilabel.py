@@ -41,16 +41,19 @@ from common import (
     RobustnessReportArguments,
     build_trainer,
     check_output_dir,
+    check_unlabeled_flags,
     clean_texts,
     describe_method,
     describe_outputs,
     describe_robustness,
     describe_splits,
     describe_training,
+    describe_unlabeled,
     finish_splits,
     format_duration,
     load_model_and_tokenizer,
     load_raw_splits,
+    load_unlabeled,
     parse_arguments,
     parse_int,
     parse_list,
@@ -297,11 +300,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"adversarial: {describe_method(training_args)}"
     )
     checkpoint = check_output_dir(training_args)
+    unlabeled_sources = check_unlabeled_flags(data_args, training_args)
     set_seed(training_args.seed)
 
     # -- data: read, check and encode every split before any model is loaded ------------------------------------
     with training_args.main_process_first(desc="load data"):
         raw_splits, features = load_raw_splits(data_args, model_args)
+        unlabeled = load_unlabeled(data_args, raw_splits, TEXT_COLUMNS)
     label_columns = [c.strip() for c in data_args.label_columns.split(",")] if data_args.label_columns else None
     class_names = data_args.read_class_names()
     if label_columns is not None:
@@ -333,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"{split}: {len(target)} examples, {len(class_names)} labels, {target.sum(1).mean():.2f} labels per "
             f"example, {int((target.sum(1) == 0).sum())} without any"
         )
+    if unlabeled is not None:
+        logger.info(f"unlabelled: {len(unlabeled)} texts ({', '.join(unlabeled_sources)})")
     pos_weight = resolve_pos_weight(loss_args.pos_weight, targets["train"], loss_args.pos_weight_max, class_names)
 
     # -- model and tokenizer --------------------------------------------------------------------------------------
@@ -353,6 +360,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
             for split, frame in frames.items()
         }
+        unlabeled_dataset = None
+        if unlabeled is not None:
+            unlabeled_dataset = tokenize(
+                Dataset.from_dict({"text": unlabeled["text"].tolist()}), tokenizer, data_args.max_seq_length
+            )
 
     # Evaluation during training uses 0.5; the final test evaluation, the threshold tuned on validation.
     scoring = {"threshold": 0.5, "class_names": None}
@@ -371,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "processing_class": tokenizer,
         "data_collator": DataCollatorWithPadding(tokenizer),
         "compute_metrics": compute_metrics,
+        "unlabeled_dataset": unlabeled_dataset,
     }
     if pos_weight is not None:
         trainer_kwargs["compute_loss_func"] = pos_weight_loss(pos_weight)
@@ -434,6 +447,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"model       {model_args.model_name_or_path}",
             f"data        {source}: {describe_splits(frames)}",
             f"labels      {len(class_names)}, loss BCE" + (" with pos_weight" if pos_weight is not None else ""),
+        ]
+        if unlabeled is not None:
+            ratio = training_args.unlabeled_ratio
+            lines.append(f"unlabelled  {describe_unlabeled(len(unlabeled), unlabeled_sources, ratio, train_metrics)}")
+        lines += [
             f"training    {describe_training(train_result, training_args.seed)}",
             f"threshold   {threshold:g} (tuned on validation for micro-F1; 0.5 during training)",
             f"validation  micro-F1 {eval_metrics['eval_tuned_micro_f1']:.4f}, macro-F1 "

@@ -107,6 +107,37 @@ class DataArguments:
         default=None, metadata={"help": "Predict this many test examples, drawn with --split_seed."}
     )
 
+    # -- unlabelled text (semi-supervised VAT) --------------------------------------------------------------------
+    unlabeled_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Unlabelled text for semi-supervised VAT (needs --vat_weight > 0): a CSV, TSV, JSON Lines or "
+            "Parquet file with a text column (found as for the training data; any label column is ignored), or a "
+            "folder of .txt files, one text each (e.g. aclImdb/train/unsup). Unlabelled rows get only the VAT term; "
+            "--unlabeled_ratio sets how many each batch carries per labelled row."
+        },
+    )
+    unlabeled_from_test: bool = field(
+        default=False,
+        metadata={
+            "help": "Use the test split's texts, without their labels, as unlabelled text (transductive learning, "
+            "as competitors do with a competition's test set: the model sees the texts it is scored on, never their "
+            "labels). Combines with --unlabeled_file."
+        },
+    )
+    max_unlabeled_samples: int | None = field(
+        default=None, metadata={"help": "Use this many unlabelled texts, drawn with --split_seed."}
+    )
+
+    def unlabeled_sources(self) -> list[str]:
+        """The flags that give unlabelled text, as the user wrote them (empty: none)."""
+        sources = []
+        if self.unlabeled_file:
+            sources.append(f"--unlabeled_file {self.unlabeled_file}")
+        if self.unlabeled_from_test:
+            sources.append("--unlabeled_from_test true")
+        return sources
+
     def __post_init__(self):
         if self.validation_file and not self.train_file:
             raise RecipeError("--validation_file needs --train_file as well.")
@@ -120,7 +151,7 @@ class DataArguments:
             raise RecipeError("Give --class_names or --class_names_file, not both.")
         if self.max_seq_length < 1:
             raise RecipeError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")
-        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples", "max_unlabeled_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RecipeError(f"--{name} must be >= 1, got {value}.")

@@ -75,23 +75,62 @@ def read_folder_split(split_dir: Path, skip: tuple[str, ...] = ("unsup",)) -> Ra
     return RawSplit(frame, source=str(split_dir), row_sources=sources)
 
 
-def load_raw_splits(data_args: DataArguments, model_args: ModelArguments) -> tuple[dict[str, RawSplit], object]:
-    """The splits ('train', and 'validation'/'test' when there are) and, for a Hub dataset, its features."""
-    column_names = [c.strip() for c in data_args.column_names.split(",")] if data_args.column_names else None
+def read_text_folder(folder: Path) -> RawSplit:
+    """A folder of `.txt` files, one text each (as `aclImdb/train/unsup/`): the file name is the id."""
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise DataError(f"{folder}: expected .txt files, one text each; the folder has none.")
+    texts = [path.read_text(encoding="utf-8", errors="replace") for path in files]
+    frame = pd.DataFrame({"id": [path.stem for path in files], "text": texts})
+    return RawSplit(frame, source=str(folder), row_sources=[str(path) for path in files])
+
+
+def tree_root(data_dir: str) -> Path:
+    """The `aclImdb`-style tree of `--data_dir` (the folder itself, or its `aclImdb/` child)."""
+    root = Path(data_dir)
+    if (root / "aclImdb").is_dir():
+        root = root / "aclImdb"
+    if not (root / "train").is_dir():
+        raise DataError(f"--data_dir {data_dir}: expected a train/ folder (and test/), as in aclImdb/.")
+    return root
+
+
+def column_names_of(data_args: DataArguments) -> list[str] | None:
+    return [c.strip() for c in data_args.column_names.split(",")] if data_args.column_names else None
+
+
+def load_raw_splits(
+    data_args: DataArguments, model_args: ModelArguments, unlabeled: tuple[str, str] | None = None
+) -> tuple[dict[str, RawSplit], object]:
+    """The splits ('train', and 'validation'/'test' when there are) and, for a Hub dataset, its features.
+
+    `unlabeled` = (the Hub split, the `--data_dir` folder) of a dataset's own unlabelled texts, e.g. ("unsupervised",
+    "train/unsup") for IMDB: read as the split 'unlabeled' (labels, if any, are to be ignored); a `DataError` when
+    the dataset has no such split."""
+    splits, features = _load_raw_splits(data_args, model_args, unlabeled)
+    if unlabeled is not None and "unlabeled" not in splits:
+        where = data_args.train_file or getattr(data_args, "data_dir", None) or data_args.dataset_name
+        raise DataError(
+            f"{where} has no unlabelled split (the Hub split {unlabeled[0]!r}, or {unlabeled[1]}/ under --data_dir); "
+            "give the unlabelled texts with --unlabeled_file instead."
+        )
+    return splits, features
+
+
+def _load_raw_splits(data_args, model_args, unlabeled) -> tuple[dict[str, RawSplit], object]:
+    column_names = column_names_of(data_args)
     data_dir = getattr(data_args, "data_dir", None)
     if data_args.train_file:
         files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
         return {split: read_table(path, column_names) for split, path in files.items() if path}, None
     if data_dir:
-        root = Path(data_dir)
-        if (root / "aclImdb").is_dir():
-            root = root / "aclImdb"
-        if not (root / "train").is_dir():
-            raise DataError(f"--data_dir {data_dir}: expected a train/ folder (and test/), as in aclImdb/.")
+        root = tree_root(data_dir)
         splits = {"train": read_folder_split(root / "train")}
         for split, folder in (("validation", "validation"), ("validation", "dev"), ("test", "test")):
             if split not in splits and (root / folder).is_dir():
                 splits[split] = read_folder_split(root / folder)
+        if unlabeled is not None and (root / unlabeled[1]).is_dir():
+            splits["unlabeled"] = read_text_folder(root / unlabeled[1])
         return splits, None
     if not data_args.dataset_name:
         raise RecipeError("Give --dataset_name, --train_file or --data_dir: there is no data to train on.")
@@ -115,7 +154,68 @@ def load_raw_splits(data_args: DataArguments, model_args: ModelArguments) -> tup
         name = next((n for n in names if n in raw), None)
         if name is not None:
             splits[split] = RawSplit(raw[name].to_pandas(), source=f"{data_args.dataset_name} [{name} split]")
+    if unlabeled is not None and unlabeled[0] in raw:
+        frame = raw[unlabeled[0]].to_pandas()
+        splits["unlabeled"] = RawSplit(frame, source=f"{data_args.dataset_name} [{unlabeled[0]} split]")
     return splits, raw["train"].features
+
+
+def load_unlabeled(
+    data_args: DataArguments,
+    raw_splits: dict[str, RawSplit],
+    text_columns: tuple[str, ...],
+) -> pd.DataFrame | None:
+    """The unlabelled texts (a frame with a `text` column) from `--unlabeled_file` (a table, or a folder of .txt
+    files), the test split's texts (`--unlabeled_from_test`), the dataset's own unlabelled split (`raw_splits`'
+    'unlabeled', see `load_raw_splits`), drawn down to
+    `--max_unlabeled_samples` with `--split_seed`; None when there are none. Label columns are ignored; an empty
+    source, a missing text column or an empty text is a `DataError` naming it."""
+    parts = []
+    if "unlabeled" in raw_splits:
+        parts.append(raw_splits["unlabeled"])
+    if data_args.unlabeled_file:
+        path = Path(data_args.unlabeled_file)
+        if path.is_dir():
+            parts.append(read_text_folder(path))
+        elif not path.is_file():
+            raise DataError(f"--unlabeled_file {path}: no such file or folder.")
+        else:
+            parts.append(read_table(str(path), column_names_of(data_args)))
+    if data_args.unlabeled_from_test:
+        if "test" not in raw_splits:
+            raise DataError(
+                "--unlabeled_from_test true: there is no test split to take texts from; give --test_file (or a "
+                "dataset with a test split), or --unlabeled_file."
+            )
+        parts.append(raw_splits["test"])
+    if not parts:
+        return None
+    texts = []
+    for raw in parts:
+        if len(raw.frame) == 0:
+            raise DataError(f"{raw.source}: no unlabelled text in it (no rows); give a file with a text column.")
+        column = resolve_column(raw, data_args.text_column_name, text_columns, "text", "--text_column_name")
+        texts += clean_texts(raw, column, data_args.clean_br_tags)
+    return sample(pd.DataFrame({"text": texts}), data_args.max_unlabeled_samples, data_args.split_seed)
+
+
+def check_unlabeled_flags(data_args: DataArguments, training_args) -> list[str]:
+    """The flags that give unlabelled text (`data_args.unlabeled_sources()`); a `RecipeError` at once when no
+    configured method would learn from them (VAT off), or when `--unlabeled_ratio` is set without any."""
+    sources = data_args.unlabeled_sources()
+    if sources:
+        try:
+            training_args.check_unlabeled_data(" and ".join(sources))
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
+    elif training_args.unlabeled_ratio != 1.0:
+        raise RecipeError(
+            f"--unlabeled_ratio {training_args.unlabeled_ratio:g} is read only with unlabelled text, and none is "
+            "given: add --unlabeled_file or --unlabeled_from_test true"
+            + (" (or --unlabeled_from_unsup true)" if hasattr(data_args, "unlabeled_from_unsup") else "")
+            + "."
+        )
+    return sources
 
 
 def resolve_column(raw: RawSplit, requested: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:

@@ -46,6 +46,17 @@ def describe_training(train_result, seed: int) -> str:
     )
 
 
+def describe_unlabeled(count: int, sources: list[str], ratio: float, train_metrics: dict) -> str:
+    """The unlabelled texts and the rows training saw, for the summary."""
+    seen = ""
+    if "train_labeled_rows" in train_metrics:
+        seen = (
+            f"; seen {train_metrics['train_labeled_rows']} labelled and {train_metrics['train_unlabeled_rows']} "
+            "unlabelled rows"
+        )
+    return f"{count} texts ({', '.join(sources)}), {ratio:g} per labelled row{seen}"
+
+
 def describe_outputs(output_dir: str, predict_split: str) -> str:
     return f"{output_dir}: model, tokenizer, all_results.json, predictions_{predict_split}.csv"
 
