@@ -95,7 +95,10 @@ def data(tmp_path_factory) -> Path:
             (path / "aclImdb" / split / name).mkdir(parents=True)
         for i, (text, label) in enumerate(rows[:12]):
             (path / "aclImdb" / split / ("pos" if label else "neg") / f"{i}_{8 if label else 2}.txt").write_text(text)
-    (path / "aclImdb" / "train" / "unsup").mkdir()  # unlabelled reviews: skipped
+    (path / "aclImdb" / "train" / "unsup").mkdir()  # unlabelled reviews: not training rows
+    for i in range(6):
+        (path / "aclImdb" / "train" / "unsup" / f"{i}_0.txt").write_text(review(i + 30)[0])
+    pd.DataFrame({"review": [review(i)[0] for i in range(40, 46)]}).to_csv(path / "unlabelled.csv", index=False)
 
     # GoEmotions layout: no header, text<TAB>label ids<TAB>id; a quote inside a text must not start a quoted field.
     emotion_rows = []
@@ -349,6 +352,68 @@ def test_bad_input_is_reported_before_training(tiny_model, data, tmp_path, recip
     assert not out.exists()  # nothing was written
 
 
+# -- unlabelled text (semi-supervised VAT) ------------------------------------------------------------------------------
+UNLABELED_SOURCES = {
+    "csv": lambda data: ["--unlabeled_file", str(data / "unlabelled.csv")],  # text in 'review'
+    "folder": lambda data: ["--unlabeled_file", str(data / "aclImdb" / "train" / "unsup")],
+    "test-split": lambda data: ["--unlabeled_from_test", "true"],
+    "aclImdb-unsup": lambda data: ["--unlabeled_from_unsup", "true"],
+}
+
+
+@pytest.mark.parametrize("source", list(UNLABELED_SOURCES))
+def test_imdb_learns_from_unlabelled_text(tiny_model, data, tmp_path, source, capsys):
+    out = tmp_path / "out"
+    if source == "aclImdb-unsup":
+        files = ["--data_dir", str(data / "aclImdb")]
+    else:
+        files = ["--train_file", str(data / "imdb.csv"), "--test_file", str(data / "imdb.csv")]
+    extra = [*UNLABELED_SOURCES[source](data), "--unlabeled_ratio", "2", "--vat_weight", "1.0"]
+    results = imdb.main(train_args(tiny_model, out, *files, *extra))
+    # 2 steps of 4 labelled rows, each bringing 2 unlabelled ones.
+    assert results["train_labeled_rows"] == 8 and results["train_unlabeled_rows"] == 16
+    assert logged(out, "unlabeled_rows") == [8, 8] and logged(out, "vat_loss")
+    summary = capsys.readouterr().out
+    assert "unlabelled  " in summary and "2 per labelled row; seen 8 labelled and 16 unlabelled rows" in summary
+
+
+def test_multilabel_learns_from_unlabelled_text_with_a_sample(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    files = [
+        *("--train_file", str(data / "emotions.tsv"), "--column_names", "text,labels,id"),
+        *("--class_names_file", str(data / "labels.txt"), "--vat_weight", "1.0"),
+        *("--unlabeled_file", str(data / "emotions.tsv"), "--max_unlabeled_samples", "5"),
+    ]
+    results = multilabel.main(train_args(tiny_model, out, *files))
+    assert results["train_labeled_rows"] == 8 and results["train_unlabeled_rows"] == 8
+    assert logged(out, "vat_loss")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--unlabeled_file", "{data}/unlabelled.csv"], r"--unlabeled_file .* is given, but .*Set vat_weight > 0"),
+        (["--vat_weight", "1", "--unlabeled_ratio", "3"], r"--unlabeled_ratio 3 is read only with unlabelled text"),
+        (["--vat_weight", "1", "--unlabeled_file", "{data}/nothing.csv"], r"nothing\.csv: no such file or folder"),
+        (["--vat_weight", "1", "--unlabeled_file", "{tmp}/empty.csv"], r"empty\.csv has a header but no data rows"),
+        (["--vat_weight", "1", "--unlabeled_file", "{tmp}/notext.csv"], r"notext\.csv: no text column; looked for"),
+        (["--vat_weight", "1", "--unlabeled_file", "{tmp}/blank.csv"], r"blank\.csv, row 2 .*text column 'text'"),
+        (["--vat_weight", "1", "--unlabeled_from_unsup", "true"], r"has no unlabelled split .*--unlabeled_file"),
+        (["--vat_weight", "1", "--unlabeled_from_test", "true"], r"no test split to take texts from"),
+        (["--vat_weight", "1", "--max_unlabeled_samples", "0"], r"--max_unlabeled_samples must be >= 1"),
+    ],
+)
+def test_unlabelled_text_is_refused_before_training(tiny_model, data, tmp_path, extra, message):
+    write(tmp_path / "empty.csv", "text,label\n")
+    write(tmp_path / "notext.csv", "body\nfine\n")
+    write(tmp_path / "blank.csv", "text\ngood\n\"\"\n")
+    extra = [arg.format(data=data, tmp=tmp_path) for arg in extra]
+    out = tmp_path / "out"
+    with pytest.raises(common.RecipeError, match=message):
+        imdb.main(train_args(tiny_model, out, "--train_file", str(data / "imdb.csv"), *extra))
+    assert not out.exists()
+
+
 def test_label_smoothing_with_an_attack_trains(tiny_model, data, tmp_path):
     # Trainer pops the labels out of the batch it is given when it smooths them; every pass gets its own copy.
     out = tmp_path / "out"
@@ -434,15 +499,17 @@ def test_multilabel_script_vat(tiny_model, data, tmp_path):
         *("--train_file", str(data / "emotions.tsv"), "--column_names", "text,labels,id"),
         *("--class_names_file", str(data / "labels.txt"), "--pos_weight", "2.0"),
     ]
+    unlabelled = ["--unlabeled_file", str(data / "emotions.jsonl"), "--unlabeled_ratio", "2"]
     result = run_script(
         sys.executable,
         "recipes/multilabel.py",
         "recipes/configs/goemotions_vat.yaml",
-        *train_args(tiny_model, out, *files),
+        *train_args(tiny_model, out, *files, *unlabelled),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("multilabel: vat (weight 1.0, epsilon 1.0)") == 1
     assert logged(out, "vat_loss")
+    assert "seen 8 labelled and 16 unlabelled rows" in result.stdout
 
 
 @pytest.mark.slow
@@ -500,6 +567,27 @@ def test_two_process_cpu_launch(tiny_model, data, tmp_path, explicit):
         pytest.skip("an accelerator is available: memory is pinned by default")
     assert (FIND_UNUSED_WARNING in output) == explicit, output[-3000:]
     assert (PIN_MEMORY_WARNING in output) == explicit, output[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_launch_with_unlabelled_text(tiny_model, data, tmp_path):
+    """Semi-supervised VAT on two processes: each rank's batches carry their own unlabelled rows, and the rows
+    seen are counted over both."""
+    out = tmp_path / "out"
+    files = ["--train_file", str(data / "imdb.csv"), "--test_file", str(data / "imdb.csv"), "--vat_weight", "1"]
+    files += ["--unlabeled_file", str(data / "unlabelled.csv"), "--unlabeled_ratio", "2"]
+    result = run_script(
+        *("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())),
+        "recipes/imdb.py",
+        *train_args(tiny_model, out, *files),
+        timeout=600,
+        ACCELERATE_USE_CPU="1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    # 2 steps x 2 processes x 4 labelled rows, each bringing 2 unlabelled ones.
+    assert "seen 16 labelled and 32 unlabelled rows" in result.stdout, result.stdout[-2000:]
+    assert logged(out, "unlabeled_rows") == [16, 16] and logged(out, "vat_loss")
 
 
 # -- the project's real data, when it is there ------------------------------------------------------------------------
