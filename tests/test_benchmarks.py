@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ if str(ROOT) not in sys.path:  # `pytest` without `python -m` does not put the r
 
 from test_recipes import data, tiny_model  # noqa: E402, F401  (module fixtures: a tiny BERT folder, a few rows)
 
-from benchmarks import end_to_end, quality, report, step_cost  # noqa: E402
+from benchmarks import end_to_end, quality, report, semi_supervised, step_cost  # noqa: E402
 from benchmarks.common import METHODS  # noqa: E402
 
 # One thread: on a shared 2-core machine OpenMP barriers between busy cores make tiny ops take milliseconds.
@@ -175,3 +176,39 @@ def test_a_run_scored_with_more_attacks_is_reused():
     assert not quality.same_scoring(base, more)  # fewer attacks than asked
     assert not quality.same_scoring(more, [*base[:-3], "0.2", *base[-2:]])  # another epsilon
     assert quality.same_scoring([*more, "--disable_tqdm", "true"], base)
+
+
+# -- semi-supervised VAT: the recipes with unlabelled text -------------------------------------------------------------
+@pytest.mark.slow
+def test_semi_supervised_trains_every_condition_and_resumes(tiny_model, data, tmp_path):  # noqa: F811
+    common = [
+        *("--model", tiny_model, "--data-dir", str(quality_data(data, tmp_path / "data"))),
+        *("--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "docs"), "--seeds", "0"),
+        *("--unlabeled", "8", "--validation-samples", "4", "--test-samples", "8", "--ratio", "2", "--steps", "1"),
+        *("--recipe-args", "--per_device_train_batch_size 4 --per_device_eval_batch_size 8"),
+    ]
+    first = semi_supervised.main([*common, "--tasks", "imdb", "--labels", "4"])
+    assert not first["missing"] and len(first["runs"]) == 4
+    by_condition = {r["condition"]: r for r in first["runs"]}
+    # One step's worth of 16 labelled rows: 4 epochs of 4 rows, each bringing 2 unlabelled ones.
+    assert by_condition["plain"]["epochs"] == 4 and by_condition["vat"]["unlabeled_rows"] is None
+    assert by_condition["vat_unlabeled"]["unlabeled_rows"] == 32 and by_condition["vat_test"]["unlabeled_rows"] == 32
+    page = (tmp_path / "docs" / "benchmarks" / "semi_supervised.md").read_text()
+    assert "| imdb | 4 | vat_unlabeled | 0 | accuracy " in page and "| 32 |" in page
+
+    # A larger labelled set (the learning curve) adds runs; multi-label with the test texts as unlabelled text.
+    second = semi_supervised.main([*common, "--tasks", "imdb", "--labels", "4,8", "--conditions", "plain"])
+    assert [r["labels"] for r in second["runs"]] == [4, 8]
+    folder = tmp_path / "runs" / "imdb" / "data_v4_u8"
+    small, large = (set(pd.read_csv(folder / f"labelled_{n}.csv")["id"]) for n in (4, 8))
+    assert small < large and not large & set(pd.read_csv(folder / "validation.csv")["id"])
+    assert list(pd.read_csv(folder / "unlabeled.csv").columns) == ["text"]  # the labels are dropped
+    goemotions = semi_supervised.main([*common, "--tasks", "goemotions", "--labels", "4", "--conditions", "vat_test"])
+    assert goemotions["runs"][0]["also"] is not None and goemotions["runs"][0]["unlabeled_rows"] == 32
+
+    # Published again without training; another setting is refused rather than mixed in.
+    again = semi_supervised.main([*common, "--tasks", "imdb", "--labels", "4", "--no-train"])
+    assert len(again["runs"]) == 4
+    changed = [*common[:-2], "--recipe-args", "--learning_rate 1e-3", "--tasks", "imdb", "--labels", "4"]
+    with pytest.raises(SystemExit, match="trained with other settings"):
+        semi_supervised.main(changed)

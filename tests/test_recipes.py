@@ -406,7 +406,7 @@ def test_multilabel_learns_from_unlabelled_text_with_a_sample(tiny_model, data, 
 def test_unlabelled_text_is_refused_before_training(tiny_model, data, tmp_path, extra, message):
     write(tmp_path / "empty.csv", "text,label\n")
     write(tmp_path / "notext.csv", "body\nfine\n")
-    write(tmp_path / "blank.csv", "text\ngood\n\"\"\n")
+    write(tmp_path / "blank.csv", 'text\ngood\n""\n')
     extra = [arg.format(data=data, tmp=tmp_path) for arg in extra]
     out = tmp_path / "out"
     with pytest.raises(common.RecipeError, match=message):

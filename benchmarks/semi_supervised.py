@@ -1,0 +1,339 @@
+"""Semi-supervised VAT: what unlabelled text buys when labels are few (Miyato et al., ICLR 2017).
+
+For every task x number of labelled rows x condition x seed, train with the recipe (`recipes/imdb.py` or
+`recipes/multilabel.py`, in a subprocess, as a user runs it) and read its test score on one sample of test rows shared
+by all runs. The conditions:
+
+- `plain`: plain fine-tuning on the labelled rows;
+- `vat`: VAT on the labelled rows only;
+- `vat_unlabeled`: VAT on the labelled rows plus `--unlabeled` other training rows with their labels dropped
+  (`--unlabeled_file`, `--unlabeled_ratio` unlabelled rows per labelled row in each batch);
+- `vat_test`: the same with the unlabelled rows taken from the test split's texts (`--unlabeled_from_test`:
+  transductive, the model sees the texts it is scored on, never their labels).
+
+Every run of a task takes the same number of optimizer steps, whatever its number of labelled rows: `--steps` labelled
+batches of 16, so 200 IMDB reviews are 10 epochs and 2,000 one. VAT's settings are `recipes/configs/imdb_vat.yaml`'s.
+The rows are drawn once with a fixed seed (42): the labelled rows of a smaller set are among those of a larger one,
+the validation rows (`--validation-samples`, 500; GoEmotions uses its dev split) and the unlabelled pool are disjoint
+from all of them, and the scored test rows (the
+recipe's `--max_predict_samples` of the test file, drawn with `--split_seed`) are the same in every run; the test
+file holds 5,000 test rows for IMDB (the `vat_test` pool) and the whole test split for GoEmotions.
+
+Runs resume as in `benchmarks.quality`: a finished run (its `all_results.json` and `semi_supervised_train.json`, the
+command that trained it) is not trained again, and is refused if this invocation would train it otherwise.
+
+    python -m benchmarks.semi_supervised --tasks imdb --labels 200 --seeds 0,1,2            # the issue's grid
+    python -m benchmarks.semi_supervised --tasks imdb --labels 200,1000,2000 --conditions plain,vat_unlabeled
+    python -m benchmarks.semi_supervised --no-train                                          # publish what ran
+
+The table (mean and sample standard deviation over seeds) goes to `docs/benchmarks/semi_supervised.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .common import DOCS, MINILM, ROOT, config_settings, machine_info, resolve_model_path, write_json
+
+TASKS = ("imdb", "goemotions")
+CONDITIONS = ("plain", "vat", "vat_unlabeled", "vat_test")
+DATA = ROOT.parent / "shared" / "data"
+TRAINED = "semi_supervised_train.json"
+DRAW_SEED = 42
+# Per task: the recipe, its metric in all_results.json (and a second one reported beside it), the sequence length.
+TASK_SETTINGS = {
+    "imdb": {"script": "imdb.py", "metric": "test_accuracy", "also": None, "max_length": 128},
+    "goemotions": {
+        "script": "multilabel.py",
+        "metric": "test_micro_f1",
+        "also": "test_roc_auc_macro",
+        "max_length": 50,
+    },
+}
+
+
+def prepare_data(task: str, args: argparse.Namespace) -> dict[str, Path]:
+    """The task's files, written once under `<runs-dir>/<task>/data_v<validation>_u<unlabelled>/`: the training
+    split is permuted with seed 42, then validation (IMDB only: GoEmotions has its dev split) takes the first rows,
+    the unlabelled pool (text only) the next ones, and the labelled sets of every size the rows after those, so that
+    a smaller labelled set is part of a larger one and none meets validation or the pool."""
+    folder = args.runs_dir / task / f"data_v{args.validation_samples}_u{args.unlabeled}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(DRAW_SEED)
+    if task == "imdb":
+        source = args.data_dir / "imdb"
+        if not (source / "train.csv.gz").is_file():
+            raise SystemExit(f"{source}/train.csv.gz is missing; see ../shared/data/README.md (or pass --data-dir).")
+        train = pd.read_csv(source / "train.csv.gz")
+        validation = args.validation_samples
+    else:
+        source = args.data_dir / "goemotions"
+        if not (source / "train.tsv").is_file():
+            raise SystemExit(f"{source}/train.tsv is missing; see ../shared/data/README.md (or pass --data-dir).")
+        columns = ["text", "labels", "id"]
+        train = pd.read_csv(source / "train.tsv", sep="\t", header=None, names=columns, quoting=3, dtype=str)
+        validation = 0
+    order = rng.permutation(len(train))
+    first_labelled = validation + args.unlabeled
+    needed = first_labelled + max(args.labels)
+    if needed > len(train):
+        raise SystemExit(f"{task}: {needed} training rows needed, the split has {len(train)}.")
+    parts = {"unlabeled": train.iloc[order[validation:first_labelled]][["text"]]}
+    for n in args.labels:
+        parts[f"labelled_{n}"] = train.iloc[order[first_labelled : first_labelled + n]]
+    if task == "imdb":
+        parts["validation"] = train.iloc[order[:validation]]
+        test = pd.read_csv(source / "test.csv.gz")
+        parts["test"] = test.sample(n=min(5000, len(test)), random_state=DRAW_SEED)
+        files = {}
+    else:
+        files = {"validation": source / "dev.tsv", "test": source / "test.tsv", "labels": source / "labels.txt"}
+    for name, frame in parts.items():
+        if task == "imdb":
+            path = folder / f"{name}.csv"
+        else:
+            path = folder / (f"{name}.jsonl" if name == "unlabeled" else f"{name}.tsv")
+        if not path.is_file():
+            if path.suffix == ".csv":
+                frame.to_csv(path, index=False)
+            elif path.suffix == ".jsonl":
+                frame.to_json(path, orient="records", lines=True)
+            else:
+                frame.to_csv(path, sep="\t", header=False, index=False, quoting=3)
+        files[name] = path
+    return files
+
+
+def train_command(task: str, labels: int, condition: str, seed: int, run_dir: Path, args) -> list[str]:
+    files = prepare_data(task, args)
+    settings = TASK_SETTINGS[task]
+    batch = 16
+    epochs = args.steps * batch / labels
+    command = [
+        sys.executable,
+        str(ROOT / "recipes" / settings["script"]),
+        str(ROOT / "recipes" / "configs" / f"{task}_none.yaml"),
+        *("--model_name_or_path", resolve_model_path(args.model), "--output_dir", str(run_dir)),
+        *("--run_name", f"{task}-{labels}-{condition}-seed{seed}", "--seed", str(seed)),
+        *("--num_train_epochs", f"{epochs:g}", "--per_device_train_batch_size", str(batch)),
+        *("--max_eval_samples", str(args.validation_samples), "--max_predict_samples", str(args.test_samples)),
+        *("--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"),
+        *("--max_seq_length", str(settings["max_length"]), "--logging_steps", "10"),
+        *("--train_file", str(files[f"labelled_{labels}"]), "--validation_file", str(files["validation"])),
+        *("--test_file", str(files["test"])),
+    ]
+    if task == "goemotions":
+        command += ["--column_names", "text,labels,id", "--class_names_file", str(files["labels"])]
+        command += ["--pos_weight", "auto"]
+    if condition != "plain":
+        for key, value in config_settings("vat").items():
+            command += [f"--{key}", str(value)]
+    if condition == "vat_unlabeled":
+        command += ["--unlabeled_file", str(files["unlabeled"]), "--unlabeled_ratio", f"{args.ratio:g}"]
+    elif condition == "vat_test":
+        command += ["--unlabeled_from_test", "true", "--max_unlabeled_samples", str(args.unlabeled)]
+        command += ["--unlabeled_ratio", f"{args.ratio:g}"]
+    return command + shlex.split(args.recipe_args)
+
+
+def recorded(command: list[str], run_dir: Path) -> list[str]:
+    return [arg.replace(str(run_dir), "<run>") for arg in command[1:]]
+
+
+def run_one(task: str, labels: int, condition: str, seed: int, args) -> dict[str, Any] | None:
+    run_dir = args.runs_dir / task / f"labels{labels}" / condition / f"seed{seed}"
+    label = f"{task} {labels} labels, {condition}, seed {seed}"
+    wanted = recorded(train_command(task, labels, condition, seed, run_dir, args), run_dir)
+    marker = run_dir / TRAINED
+    if marker.is_file():
+        previous = json.loads(marker.read_text())["command"]
+        if previous != wanted:
+            raise SystemExit(
+                f"{run_dir} was trained with other settings (differing arguments: "
+                f"{sorted(set(previous) ^ set(wanted))}). Delete it, or pass another --runs-dir."
+            )
+    elif args.no_train:
+        print(f"[semi-supervised] {label}: not trained yet, left out (--no-train)", flush=True)
+        return None
+    else:
+        partial = run_dir.with_name(run_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        if run_dir.exists():
+            raise SystemExit(f"{run_dir} exists without {TRAINED}; delete it to train this run.")
+        command = train_command(task, labels, condition, seed, partial, args)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = run_dir.parent / f"seed{seed}.log"
+        print(f"[semi-supervised] {label}: training, log in {log}\n  {shlex.join(command)}", flush=True)
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ)
+        if status.returncode:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+            raise SystemExit(f"{label}: the recipe failed (exit {status.returncode}), log {log}:\n{tail}")
+        partial.rename(run_dir)
+        write_json(run_dir / TRAINED, {"command": recorded(command, partial)})
+        print(f"[semi-supervised] {label}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+    results = json.loads((run_dir / "all_results.json").read_text())
+    settings = TASK_SETTINGS[task]
+    return {
+        "task": task,
+        "labels": labels,
+        "condition": condition,
+        "seed": seed,
+        "metric": settings["metric"],
+        "score": results[settings["metric"]],
+        "also": results.get(settings["also"]) if settings["also"] else None,
+        "train_seconds": results["train_runtime"],
+        "epochs": results.get("epoch"),
+        "labeled_rows": results.get("train_labeled_rows"),
+        "unlabeled_rows": results.get("train_unlabeled_rows"),
+    }
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "values": values,
+    }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task, number of labels and condition: spreads over seeds, and the wall time per labelled epoch
+    as a ratio to `plain`'s of the same seeds (same machine, same invocation)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["labels"], run["condition"]), []).append(run)
+    rows = []
+    for (task, labels, condition), group in groups.items():
+        plain = {r["seed"]: r for r in groups.get((task, labels, "plain"), [])}
+        ratios = [r["train_seconds"] / plain[r["seed"]]["train_seconds"] for r in group if r["seed"] in plain]
+        rows.append(
+            {
+                "task": task,
+                "labels": labels,
+                "condition": condition,
+                "seeds": [r["seed"] for r in group],
+                "metric": group[0]["metric"],
+                "score": spread([r["score"] for r in group]),
+                "also": spread([r["also"] for r in group]) if group[0]["also"] is not None else None,
+                "unlabeled_rows_seen": group[0]["unlabeled_rows"],
+                "time_ratio_to_plain": statistics.median(ratios) if ratios else None,
+            }
+        )
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    return sorted(rows, key=lambda r: (r["task"], r["labels"], order[r["condition"]]))
+
+
+def markdown(data: dict[str, Any]) -> str:
+    def pct(entry: dict | None) -> str:
+        if entry is None:
+            return ""
+        sd = f" ± {100 * entry['std']:.1f}" if entry["std"] is not None else ""
+        values = " / ".join(f"{100 * v:.1f}" for v in entry["values"])
+        return f"{100 * entry['mean']:.1f}{sd} ({values})"
+
+    lines = [
+        "# Semi-supervised VAT",
+        "",
+        f"Written by `{data['command']}` on {data['machine'].get('cpu', 'this machine')}. See the module docstring",
+        "of `benchmarks/semi_supervised.py` for the set-up; scores in %, mean ± sample sd over seeds (the seeds'",
+        "own scores in brackets); time: wall time per labelled epoch as a ratio to plain's, median over seeds.",
+        "",
+        "| task | labels | condition | seeds | score | second metric | unlabelled rows seen | time vs plain |",
+        "|---|---:|---|---|---|---|---:|---:|",
+    ]
+    for row in data["rows"]:
+        metric = {"test_accuracy": "accuracy", "test_micro_f1": "micro-F1 (tuned threshold)"}[row["metric"]]
+        ratio = f"{row['time_ratio_to_plain']:.2f}x" if row["time_ratio_to_plain"] else ""
+        lines.append(
+            f"| {row['task']} | {row['labels']} | {row['condition']} | {','.join(map(str, row['seeds']))} | "
+            f"{metric} {pct(row['score'])} | {'macro ROC-AUC ' + pct(row['also']) if row['also'] else ''} | "
+            f"{row['unlabeled_rows_seen'] or ''} | {ratio} |"
+        )
+    if data["missing"]:
+        lines += ["", "Not run yet: " + "; ".join(data["missing"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default="imdb", help="comma-separated: imdb, goemotions")
+    parser.add_argument("--labels", default=None, help="comma-separated numbers of labelled rows (imdb 200, ge 1000)")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated: {', '.join(CONDITIONS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--unlabeled", type=int, default=None, help="unlabelled pool (imdb 5000, goemotions 10000)")
+    parser.add_argument("--ratio", type=float, default=3.0, help="unlabelled rows per labelled row in each batch")
+    parser.add_argument("--steps", type=int, default=125, help="optimizer steps of 16 labelled rows in every run")
+    parser.add_argument("--test-samples", type=int, default=1000, help="test rows scored (the same in every run)")
+    parser.add_argument("--validation-samples", type=int, default=500)
+    parser.add_argument("--model", default=MINILM)
+    parser.add_argument("--data-dir", type=Path, default=DATA)
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "semi_supervised")
+    parser.add_argument("--recipe-args", default="", help="extra recipe flags")
+    parser.add_argument("--output-dir", type=Path, default=DOCS, help="docs folder: benchmarks/semi_supervised.*")
+    parser.add_argument("--no-train", action="store_true", help="publish the runs trained so far; train nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    for name, values, valid in (("--tasks", tasks, TASKS), ("--conditions", conditions, CONDITIONS)):
+        unknown = [v for v in values if v not in valid]
+        if unknown or not values:
+            raise SystemExit(f"{name}: unknown or no values {unknown}; choose from {list(valid)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs, missing = [], []
+    for task in tasks:
+        task_args = argparse.Namespace(**vars(args))
+        default_labels, default_pool = (200, 5000) if task == "imdb" else (1000, 10000)
+        task_args.labels = [int(n) for n in args.labels.split(",")] if args.labels else [default_labels]
+        task_args.unlabeled = args.unlabeled or default_pool
+        for labels in task_args.labels:
+            for seed in seeds:
+                for condition in conditions:
+                    run = run_one(task, labels, condition, seed, task_args)
+                    if run is None:
+                        missing.append(f"{task} {labels} {condition} seed {seed}")
+                    else:
+                        runs.append(run)
+    data = {
+        "command": shlex.join(
+            ["python", "-m", "benchmarks.semi_supervised", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "machine": machine_info(),
+        "settings": {
+            "steps": args.steps,
+            "ratio": args.ratio,
+            "test_samples": args.test_samples,
+            "vat": config_settings("vat"),
+        },
+        "rows": aggregate(runs),
+        "runs": runs,
+        "missing": missing,
+    }
+    out = args.output_dir / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "semi_supervised.json", data)
+    (out / "semi_supervised.md").write_text(markdown(data))
+    print(markdown(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()
