@@ -178,7 +178,7 @@ def test_a_run_scored_with_more_attacks_is_reused():
     assert quality.same_scoring([*more, "--disable_tqdm", "true"], base)
 
 
-# -- semi-supervised VAT: the recipes with unlabelled text -------------------------------------------------------------
+# -- semi-supervised VAT: the recipes with unlabelled text ----------------------------------------------------------
 @pytest.mark.slow
 def test_semi_supervised_trains_every_condition_and_resumes(tiny_model, data, tmp_path):  # noqa: F811
     common = [

@@ -352,7 +352,7 @@ def test_bad_input_is_reported_before_training(tiny_model, data, tmp_path, recip
     assert not out.exists()  # nothing was written
 
 
-# -- unlabelled text (semi-supervised VAT) ------------------------------------------------------------------------------
+# -- unlabelled text (semi-supervised VAT) ---------------------------------------------------------------------------
 UNLABELED_SOURCES = {
     "csv": lambda data: ["--unlabeled_file", str(data / "unlabelled.csv")],  # text in 'review'
     "folder": lambda data: ["--unlabeled_file", str(data / "aclImdb" / "train" / "unsup")],
