@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated: {', '.join(CONDITIONS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--unlabeled", type=int, default=None, help="unlabelled pool (imdb 5000, goemotions 10000)")
-    parser.add_argument("--ratio", type=float, default=3.0, help="unlabelled rows per labelled row in each batch")
+    parser.add_argument("--ratio", type=float, default=2.0, help="unlabelled rows per labelled row in each batch")
     parser.add_argument("--steps", type=int, default=125, help="optimizer steps of 16 labelled rows in every run")
     parser.add_argument("--test-samples", type=int, default=1000, help="test rows scored (the same in every run)")
     parser.add_argument("--validation-samples", type=int, default=500)
