@@ -8,7 +8,8 @@ TORCH ?= torch==2.13.0
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PYTHON = $(OLDEST_VENV)/bin/python
 OLDEST_DEPS ?= transformers==4.46.3 accelerate==1.0.1 datasets scikit-learn pandas safetensors peft pytest
-OLDEST_TESTS = tests/test_trainer.py tests/test_gradients.py tests/test_distillation.py tests/test_wrappers.py $(wildcard tests/test_compat.py)
+OLDEST_TESTS = tests/test_trainer.py tests/test_gradients.py tests/test_distillation.py tests/test_wrappers.py \
+	tests/test_semi_supervised.py $(wildcard tests/test_compat.py)
 
 # `make test`, `make demo` and `make lint` install first when needed: the stamp file INSTALLED is made by
 # `make install` and is out of date when pyproject.toml changes. `make install` always (re)installs.

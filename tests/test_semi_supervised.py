@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import reference
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close_dicts, grads, make_dataset, make_trainer, tiny_model, training_args
 from datasets import Dataset
+from transformers import TrainingArguments
 
 from hf_adv import AdversarialTrainer
 from hf_adv.semi_supervised import MixedExample, UnlabeledMixCollator, UnlabeledMixDataset
@@ -194,6 +196,19 @@ def test_refused_at_construction(tmp_path, overrides, dataset, message):
     with pytest.raises(ValueError, match=message):
         AdversarialTrainer(
             model=tiny_model(), args=training_args(tmp_path, **overrides), train_dataset=make_dataset(), **extra
+        )
+
+
+def test_group_by_length_is_refused(tmp_path):
+    """transformers 4.x sorts training rows by length with `group_by_length`, which mixed batches cannot follow."""
+    if "group_by_length" not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        pytest.skip("this transformers has no group_by_length (removed in 5.0)")
+    with pytest.raises(ValueError, match="group_by_length=True sorts the training rows"):
+        AdversarialTrainer(
+            model=tiny_model(),
+            args=training_args(tmp_path, vat_weight=1.0, group_by_length=True),
+            train_dataset=make_dataset(),
+            unlabeled_dataset=unlabelled(),
         )
 
 
