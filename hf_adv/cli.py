@@ -72,6 +72,12 @@ def unknown_flags_message(parser: argparse.ArgumentParser, remaining: Sequence[s
         hint = f" (did you mean {' or '.join(suggestions)}?)" if suggestions else ""
         parts.append(f"unknown flag {flag}{hint}")
     if not parts:
+        configs = [arg for arg in remaining if arg.endswith(CONFIG_SUFFIXES)]
+        if configs:
+            return (
+                f"unexpected argument {configs[0]}: a config file is read only as the FIRST argument, with the flags "
+                "that override it after it."
+            )
         return f"unexpected arguments {list(remaining)}; run with --help to list the flags."
     return "; ".join(parts) + "; run with --help to list the flags."
 
@@ -133,6 +139,11 @@ def parse_cli(parser, argv: Sequence[str] | None = None, config_file: bool = Tru
     ]
     if unknown:
         raise UsageError(unknown_flags_message(parser, unknown))
+    # Two spellings of one flag (`--text_column` and `--text_column_name`): which one wins would be a guess.
+    for action in parser._actions:
+        spellings = sorted({arg.split("=", 1)[0] for arg in argv} & set(action.option_strings))
+        if len(spellings) > 1:
+            raise UsageError(f"{' and '.join(spellings)} are the same flag, given twice: keep one of them.")
 
     def error(message: str):
         raise UsageError(one_line(message) + "; run with --help to list the flags.")

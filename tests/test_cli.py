@@ -62,6 +62,34 @@ def test_argparse_errors_are_one_line(tmp_path):
         cli.parse_cli(parser(), ["--model_name_or_path", "m", "--adv_epsilon", "abc"])
 
 
+def test_two_spellings_of_one_flag_are_refused(tmp_path):
+    from hf_adv.robustness.__main__ import RobustnessArguments
+
+    robustness = HfArgumentParser(RobustnessArguments)
+    with pytest.raises(cli.UsageError, match="--text_column and --text_column_name are the same flag, given twice"):
+        cli.parse_cli(robustness, ["--results", "r.json", "--text_column", "a", "--text_column_name", "b"])
+    # The same spelling twice is an override, as in a config file followed by flags.
+    argv = ["--results", "r.json", "--text_column_name", "a", "--text_column_name", "b"]
+    assert cli.parse_cli(robustness, argv)[0].text_column_name == "b"
+
+
+def test_config_file_after_flags_is_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("adv_method: fgm\n")
+    with pytest.raises(cli.UsageError, match=r"c\.yaml: a config file is read only as the FIRST argument"):
+        cli.parse_cli(parser(), ["--model_name_or_path", "m", "--output_dir", str(tmp_path), str(config)])
+
+
+def test_robustness_results_that_are_no_report_are_one_line(tmp_path):
+    from hf_adv.robustness.__main__ import main
+
+    with pytest.raises(cli.UsageError, match=r"--results .*missing\.json: no such file"):
+        main(["--results", str(tmp_path / "missing.json")])
+    (tmp_path / "other.json").write_text('{"accuracy": 1}')
+    with pytest.raises(cli.UsageError, match=r"other\.json: not a robustness report .*KeyError"):
+        main(["--results", str(tmp_path / "other.json")])
+
+
 def test_config_file_and_unknown_keys(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model_name_or_path: m\nadv_method: pgd\nadv_steps: 2\n")

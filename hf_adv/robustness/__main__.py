@@ -145,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     # A .json/.yaml config may come first, flags after it override it; a mistake is one line (`UsageError`).
     (args,) = parse_cli(parser, argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = read_results(args.results or [])
+    try:
+        results = read_results(args.results or [])
+    except ValueError as error:
+        raise UsageError(one_line(error)) from error
     rows = []
     if args.model_paths:
         try:

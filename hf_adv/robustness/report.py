@@ -178,8 +178,23 @@ def write_report(
 
 
 def read_results(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
-    """Merge the `models` of several JSON reports (later files win on a name clash)."""
+    """Merge the `models` of several JSON reports (later files win on a name clash).
+
+    Raises:
+        `ValueError`: naming the file, for a missing file or one that is not a report this module wrote.
+    """
     results: dict[str, dict[str, Any]] = {}
     for path in paths:
-        results.update(json.loads(Path(path).read_text())["models"])
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--results {path}: no such file (a robustness.json written by an earlier run).")
+        try:
+            report = json.loads(path.read_text())
+            models = report["models"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"--results {path}: not a robustness report (expected the JSON with a 'models' mapping that "
+                f"write_report writes): {type(error).__name__}: {error}"
+            ) from error
+        results.update(models)
     return results
