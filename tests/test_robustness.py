@@ -296,6 +296,29 @@ def test_plot_title_names_only_the_attacks_shown():
     )
 
 
+def test_plot_gives_one_colour_per_model_whatever_the_attack_loss(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from hf_adv.robustness.report import plot_accuracy
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path: saved.append(self))
+    row = {"clean_accuracy": 0.8, "pgd_accuracy@0.1": 0.6, "pgd_steps": 5}
+    results = {
+        "distilled (ce attack)": {**row, "attack_loss": "ce"},
+        "distilled (margin attack)": {**row, "pgd_accuracy@0.1": 0.4, "attack_loss": "margin"},
+        "plain": {**row, "attack_loss": "ce"},
+    }
+    plot_accuracy(results, tmp_path / "p.png")
+    axes = saved[0].axes[0]
+    model_legend, attack_legend = axes.artists[0], axes.get_legend()
+    assert [t.get_text() for t in model_legend.get_texts()] == ["distilled", "plain"]
+    assert [t.get_text() for t in attack_legend.get_texts()] == ["PGD-5", "cross-entropy loss", "margin loss"]
+    ce, margin, plain = axes.get_lines()
+    assert ce.get_color() == margin.get_color() != plain.get_color() and margin.get_alpha() < 1
+
+
 def test_table_footnote_gives_the_units_of_the_columns_it_has():
     from hf_adv.robustness import markdown_table
 

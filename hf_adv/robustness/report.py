@@ -88,9 +88,18 @@ def _plot_title(results: dict[str, dict[str, Any]], metric_name: str) -> str:
     return f"{metric_name} under " + " and ".join(parts) if parts else f"clean {metric_name}"
 
 
+def _model_and_loss(name: str, metrics: dict[str, Any]) -> tuple[str, str]:
+    """(the model, the attack loss) of a row: `evaluate` records the loss, and the CLI names a row evaluated under
+    several losses 'model (loss attack)'."""
+    loss = metrics.get("attack_loss") or "ce"
+    suffix = f" ({loss} attack)"
+    return (name[: -len(suffix)] if name.endswith(suffix) else name), loss
+
+
 def plot_accuracy(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """Accuracy (micro-F1 for multi-label models) against epsilon, with the clean score at epsilon 0: the colour
-    names the model, the line style the attack (PGD solid with dots, FGM dashed), each in its own legend.
+    names the model, the line style the attack (PGD solid with dots, FGM dashed), each in its own legend; the rows
+    of one model under several attack losses share its colour, the margin attack's faded with hollow markers.
 
     Raises:
         `ImportError`: without matplotlib (`pip install "hf-adv[plots]"`).
@@ -103,9 +112,11 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
 
     metric_name = _metric_name(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    models, attacks = [], {}
-    for i, (name, metrics) in enumerate(results.items()):
-        color = f"C{i % 10}"
+    colors: dict[str, str] = {}
+    models, attacks, losses = [], {}, set()
+    for name, metrics in results.items():
+        model, loss = _model_and_loss(name, metrics)
+        color = colors.setdefault(model, f"C{len(colors) % 10}")
         clean = metrics.get("clean_accuracy")
         shown = False
         for attack, (style, marker, label) in _ATTACK_STYLES.items():
@@ -115,11 +126,13 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
             if clean is not None:
                 points = [(0.0, clean), *points]
             xs, ys = zip(*points)
-            ax.plot(xs, [100 * y for y in ys], style, color=color, marker=marker)
+            faded = {"alpha": 0.55, "markerfacecolor": "white"} if loss != "ce" else {}
+            ax.plot(xs, [100 * y for y in ys], style, color=color, marker=marker, **faded)
             shown = True
+            losses.add(loss)
             attacks[attack] = label.replace("K", _steps(results)) if attack == "pgd" else label
-        if shown:
-            models.append(Line2D([], [], color=color, linewidth=6, label=name))
+        if shown and model not in [handle.get_label() for handle in models]:
+            models.append(Line2D([], [], color=color, linewidth=6, label=model))
     ax.set_xlabel("epsilon (L2 per example, input embedding output)")
     ax.set_ylabel(f"{metric_name} under attack (%)")
     ax.set_title(_plot_title(results, metric_name))
@@ -132,6 +145,11 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
             Line2D([], [], color="0.3", linestyle=_ATTACK_STYLES[a][0], marker=_ATTACK_STYLES[a][1], label=label)
             for a, label in attacks.items()
         ]
+        if len(losses) > 1:
+            styles += [
+                Line2D([], [], color="0.3", marker="o", label="cross-entropy loss"),
+                Line2D([], [], color="0.3", marker="o", alpha=0.55, markerfacecolor="white", label="margin loss"),
+            ]
         ax.legend(handles=styles, title="attack (line)", fontsize="small", loc="upper right")
     fig.tight_layout()
     path = Path(path)
@@ -140,7 +158,6 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-# Line style, marker and legend label of each attack in the plot (K: the PGD steps).
 _ATTACK_STYLES = {"pgd": ("-", "o", "PGD-K"), "fgm": ("--", None, "FGM")}
 _warned_no_plot = False
 
