@@ -73,6 +73,23 @@ def test_two_spellings_of_one_flag_are_refused(tmp_path):
     assert cli.parse_cli(robustness, argv)[0].text_column_name == "b"
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--attacks", "pgd", "hotflip"], r"--attacks: unknown or no attacks \['hotflip'\]; valid names are"),
+        (["--attack_loss", "hinge"], r"--attack_loss: \['hinge'\] must be values of \['ce', 'margin'\]"),
+        (["--epsilons", "0.5", "-1"], r"--epsilons must all be > 0, got \[0.5, -1.0\]"),
+        (["--num_examples", "0"], r"--num_examples must be >= 1, got 0"),
+    ],
+)
+def test_robustness_cli_checks_attacks_as_the_recipes_do(argv, message):
+    """The CLI and the recipes' --robustness_* flags share one set of rules (`check_attack_settings`)."""
+    from hf_adv.robustness.__main__ import RobustnessArguments
+
+    with pytest.raises(cli.UsageError, match=message):
+        cli.parse_cli(HfArgumentParser(RobustnessArguments), ["--results", "r.json", *argv])
+
+
 def test_config_file_after_flags_is_named(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("adv_method: fgm\n")

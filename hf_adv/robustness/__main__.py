@@ -11,9 +11,8 @@ import torch
 
 from ..cli import UsageError, exit_on_usage_error, model_load_error, model_load_kwargs, one_line, parse_cli
 from .api import evaluate_robustness, load_model
-from .core import ATTACK_LOSSES
 from .data import load_rows
-from .evaluator import ATTACKS
+from .evaluator import ATTACKS, check_attack_settings
 from .report import markdown_table, read_results, write_report
 
 DESCRIPTION = (
@@ -116,11 +115,13 @@ class RobustnessArguments:
             raise ValueError("--dataset is needed to evaluate models.")
         if not self.model_paths and not self.results:
             raise ValueError("Nothing to do: pass --model_paths (with --dataset) and/or --results.")
-        if not self.attack_loss or set(self.attack_loss) - set(ATTACK_LOSSES):
-            raise ValueError(f"--attack_loss: {self.attack_loss} must be values of {list(ATTACK_LOSSES)}.")
-        unknown = sorted(set(self.attacks) - set(ATTACKS))
-        if unknown:
-            raise ValueError(f"Unknown attacks {unknown}; valid names are {list(ATTACKS)}.")
+        check_attack_settings(
+            self.attacks,
+            self.epsilons,
+            self.attack_loss,
+            self.num_examples,
+            {name: f"--{name}" for name in ("attacks", "epsilons", "attack_loss", "num_examples")},
+        )
 
     def evaluator_kwargs(self) -> dict[str, Any]:
         return dict(

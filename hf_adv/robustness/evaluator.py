@@ -19,6 +19,34 @@ from .embedding_attacks import EmbeddingAttacks
 from .word import WordSubstitution
 
 ATTACKS = ("fgm", "pgd", "min_perturbation", "word")
+
+
+def check_attack_settings(
+    attacks: Sequence[str],
+    epsilons: Sequence[float],
+    attack_losses: Sequence[str],
+    num_examples: int | None,
+    flags: dict[str, str],
+) -> None:
+    """Refuse attack settings the evaluation cannot run, naming the flag as the caller spells it (`flags` maps
+    `attacks`, `epsilons`, `attack_loss` and `num_examples` to the flag names): the robustness CLI and the recipes'
+    `--robustness_*` flags share these rules.
+
+    Raises:
+        `ValueError`: for no or unknown attacks or attack losses, a radius that is not > 0, or fewer than one
+            example.
+    """
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        raise ValueError(f"{flags['attacks']}: unknown or no attacks {unknown}; valid names are {list(ATTACKS)}.")
+    if not attack_losses or set(attack_losses) - set(ATTACK_LOSSES):
+        raise ValueError(f"{flags['attack_loss']}: {list(attack_losses)} must be values of {list(ATTACK_LOSSES)}.")
+    if any(not epsilon > 0 for epsilon in epsilons):
+        raise ValueError(f"{flags['epsilons']} must all be > 0, got {list(epsilons)}.")
+    if num_examples is not None and num_examples < 1:
+        raise ValueError(f"{flags['num_examples']} must be >= 1, got {num_examples}.")
+
+
 # The parts of the evaluation, as the progress bar names the one under way.
 ATTACK_LABELS = {
     "clean": "clean pass",

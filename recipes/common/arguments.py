@@ -280,19 +280,16 @@ class RobustnessReportArguments:
     )
 
     def __post_init__(self):
-        from hf_adv.robustness import ATTACK_LOSSES, ATTACKS
+        from hf_adv.robustness.evaluator import check_attack_settings
 
-        if not self.robustness_attack_loss or set(self.robustness_attack_loss) - set(ATTACK_LOSSES):
-            raise RecipeError(
-                f"--robustness_attack_loss: {self.robustness_attack_loss} must be values of {list(ATTACK_LOSSES)}."
+        flags = {name: f"--robustness_{name}" for name in ("attacks", "epsilons", "attack_loss")}
+        try:
+            check_attack_settings(
+                self.robustness_attacks,
+                self.robustness_epsilons,
+                self.robustness_attack_loss,
+                self.robustness_max_samples,
+                {**flags, "num_examples": "--robustness_max_samples"},
             )
-
-        if any(not epsilon > 0 for epsilon in self.robustness_epsilons):
-            raise RecipeError(f"--robustness_epsilons must all be > 0, got {self.robustness_epsilons}.")
-        unknown = [a for a in self.robustness_attacks if a not in ATTACKS]
-        if unknown or not self.robustness_attacks:
-            raise RecipeError(
-                f"--robustness_attacks: unknown or no attacks {unknown}; valid names are {list(ATTACKS)}."
-            )
-        if self.robustness_max_samples is not None and self.robustness_max_samples < 1:
-            raise RecipeError(f"--robustness_max_samples must be >= 1, got {self.robustness_max_samples}.")
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
