@@ -370,7 +370,8 @@ def quality_section(data: dict, results_dir: Path, cost_above: bool, name: str =
 
 def render(docs_dir: Path = DOCS) -> Path:
     """Write `docs_dir/benchmarks.md` from the JSON files in `docs_dir/benchmarks/`: a section per
-    `step_cost*.json` (the untagged run first), then `end_to_end.json`, then each `quality*.json` (likewise)."""
+    `step_cost*.json` (the untagged run first), then `end_to_end.json`, then each `quality*.json` (likewise), then
+    `semi_supervised.json`."""
     results_dir = docs_dir / "benchmarks"
     end_to_end = _load(results_dir / "end_to_end.json")
     step_costs = sorted(results_dir.glob("step_cost*.json"), key=lambda p: (p.stem != "step_cost", p.stem))
@@ -411,6 +412,11 @@ def render(docs_dir: Path = DOCS) -> Path:
         ]
     for path in sorted(results_dir.glob("quality*.json"), key=lambda p: (p.stem != "quality", p.stem)):
         lines += quality_section(_load(path), results_dir, cost_above=bool(step_costs), name=path.stem)
+    semi = _load(results_dir / "semi_supervised.json")
+    if semi is not None:
+        from .semi_supervised import markdown
+
+        lines += ["#" + markdown(semi), ""]  # its own page's title, one level down
     path = docs_dir / "benchmarks.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "semi_supervised.json", data)
     (out / "semi_supervised.md").write_text(markdown(data))
+    from .report import render
+
+    render(args.output_dir)  # docs/benchmarks.md gets the table too
     print(markdown(data))
     return data
 

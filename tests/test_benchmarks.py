@@ -195,6 +195,7 @@ def test_semi_supervised_trains_every_condition_and_resumes(tiny_model, data, tm
     assert by_condition["vat_unlabeled"]["unlabeled_rows"] == 32 and by_condition["vat_test"]["unlabeled_rows"] == 32
     page = (tmp_path / "docs" / "benchmarks" / "semi_supervised.md").read_text()
     assert "| imdb | 4 | vat_unlabeled | 0 | accuracy " in page and "| 32 |" in page
+    assert "## Semi-supervised VAT" in (tmp_path / "docs" / "benchmarks.md").read_text()
 
     # A larger labelled set (the learning curve) adds runs; multi-label with the test texts as unlabelled text.
     second = semi_supervised.main([*common, "--tasks", "imdb", "--labels", "4,8", "--conditions", "plain"])
