@@ -419,6 +419,12 @@ class AdversarialMixin:
                 "group_by_length=True sorts the training rows by length, which the batches mixed with unlabelled "
                 "rows cannot follow: set group_by_length=False with unlabeled_dataset."
             )
+        if args.dataloader_num_workers > 0 and getattr(args, "dataloader_persistent_workers", False):
+            raise ValueError(
+                "dataloader_persistent_workers=True keeps each worker's copy of the training dataset across "
+                "epochs, so the unlabelled rows drawn for an epoch would not change: set "
+                "dataloader_persistent_workers=False with unlabeled_dataset."
+            )
         if isinstance(train, UnlabeledMixDataset):
             raise ValueError("train_dataset is already mixed with unlabelled rows: pass the labelled dataset itself.")
         try:

@@ -189,6 +189,11 @@ def test_training_counts_labelled_epochs_and_logs_the_rows_seen(tmp_path):
         ({"vat_weight": 0.0, "adv_method": "fgm"}, unlabelled, r"configured methods \(fgm"),
         ({"vat_weight": 1.0, "unlabeled_ratio": 2.0}, None, r"unlabeled_ratio=2.0 is read only with unlabelled"),
         ({"vat_weight": 1.0}, lambda: unlabelled().select([]), "unlabeled_dataset is empty"),
+        (
+            {"vat_weight": 1.0, "dataloader_num_workers": 1, "dataloader_persistent_workers": True},
+            unlabelled,
+            "dataloader_persistent_workers=True keeps each worker's copy",
+        ),
     ],
 )
 def test_refused_at_construction(tmp_path, overrides, dataset, message):
@@ -215,3 +220,27 @@ def test_group_by_length_is_refused(tmp_path):
 def test_unlabeled_ratio_is_checked_by_the_arguments(tmp_path):
     with pytest.raises(ValueError, match="unlabeled_ratio must be a finite number > 0, got -1"):
         training_args(tmp_path, unlabeled_ratio=-1.0)
+
+
+def test_dataloader_workers_draw_each_epochs_own_unlabelled_rows(tmp_path):
+    """With DataLoader workers (re-created every epoch), each epoch's batches carry that epoch's unlabelled rows."""
+    pool = unlabelled(6, seed=5)
+    trainer = make_trainer(
+        tmp_path,
+        dataset=make_dataset(4),
+        vat_weight=1.0,
+        unlabeled_ratio=1.0,
+        dataloader_num_workers=1,
+        unlabeled_dataset=pool,
+    )
+    loader = trainer.get_train_dataloader()
+    seen = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        (batch,) = list(loader)
+        seen.append(sorted(map(tuple, batch["input_ids"][batch["labels"] == -100].tolist())))
+    expected = [
+        sorted(tuple(pool[j]["input_ids"]) for i in range(4) for j in trainer.train_dataset.unlabelled_indices(i, e))
+        for e in range(2)
+    ]
+    assert seen == expected and seen[0] != seen[1]
