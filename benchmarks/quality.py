@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -173,6 +174,12 @@ def by_run_name(argv: list[str], run_dir: Path) -> list[str]:
     return [arg.replace(str(run_dir), "<run>") for arg in argv]
 
 
+def same_checkout_paths(argv: list[str]) -> list[str]:
+    """`argv` with the recipe scripts and configs named from the checkout (`<checkout>/recipes/imdb.py`), so that a
+    run trained from another checkout of the project (a git worktree) is the same run."""
+    return [re.sub(r"^.*/(recipes/[^/]+(?:/[^/]+)?)$", r"<checkout>/\1", arg) for arg in argv]
+
+
 def recorded_command(command: list[str], output_dir: Path) -> list[str]:
     """The training command as recorded and compared: without the interpreter, and the output folder by name."""
     return by_run_name(command[1:], output_dir)
@@ -185,7 +192,7 @@ def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Names
     marker = run_dir / TRAINED
     if marker.is_file():
         previous = json.loads(marker.read_text())["command"]
-        if previous != wanted:
+        if same_checkout_paths(previous) != same_checkout_paths(wanted):
             differing = sorted(set(previous) ^ set(wanted))
             raise SystemExit(
                 f"{run_dir} was trained with other settings than this invocation asks for (differing arguments: "

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .common import DOCS, MINILM, ROOT, config_settings, machine_info, resolve_model_path, write_json
+from .quality import same_checkout_paths
 
 TASKS = ("imdb", "goemotions")
 CONDITIONS = ("plain", "vat", "vat_unlabeled", "vat_test")
@@ -160,7 +161,7 @@ def run_one(task: str, labels: int, condition: str, seed: int, args) -> dict[str
     marker = run_dir / TRAINED
     if marker.is_file():
         previous = json.loads(marker.read_text())["command"]
-        if previous != wanted:
+        if same_checkout_paths(previous) != same_checkout_paths(wanted):
             raise SystemExit(
                 f"{run_dir} was trained with other settings (differing arguments: "
                 f"{sorted(set(previous) ^ set(wanted))}). Delete it, or pass another --runs-dir."

@@ -213,3 +213,14 @@ def test_semi_supervised_trains_every_condition_and_resumes(tiny_model, data, tm
     changed = [*common[:-2], "--recipe-args", "--learning_rate 1e-3", "--tasks", "imdb", "--labels", "4"]
     with pytest.raises(SystemExit, match="trained with other settings"):
         semi_supervised.main(changed)
+
+
+def test_runs_trained_from_another_checkout_are_the_same_run():
+    """A run trained from a git worktree of the project has its recipe and config under that worktree: the same."""
+    ours = [str(ROOT / "recipes" / "imdb.py"), str(ROOT / "recipes" / "configs" / "imdb_fgm.yaml"), "--seed", "0"]
+    other = ["/elsewhere/wt/recipes/imdb.py", "/elsewhere/wt/recipes/configs/imdb_fgm.yaml", "--seed", "0"]
+    assert quality.same_checkout_paths(ours) == quality.same_checkout_paths(other)
+    changed = ["/elsewhere/wt/recipes/imdb.py", "/elsewhere/wt/recipes/configs/imdb_pgd.yaml", "--seed", "0"]
+    assert quality.same_checkout_paths(ours) != quality.same_checkout_paths(changed)
+    data = ["--train_file", "/a/imdb/train.csv.gz"]
+    assert quality.same_checkout_paths(data) == data  # data files are compared as they are
