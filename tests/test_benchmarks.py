@@ -222,5 +222,5 @@ def test_runs_trained_from_another_checkout_are_the_same_run():
     assert quality.same_checkout_paths(ours) == quality.same_checkout_paths(other)
     changed = ["/elsewhere/wt/recipes/imdb.py", "/elsewhere/wt/recipes/configs/imdb_pgd.yaml", "--seed", "0"]
     assert quality.same_checkout_paths(ours) != quality.same_checkout_paths(changed)
-    data = ["--train_file", "/a/imdb/train.csv.gz"]
-    assert quality.same_checkout_paths(data) == data  # data files are compared as they are
+    files = ["--train_file", "/a/imdb/train.csv.gz"]
+    assert quality.same_checkout_paths(files) == files  # data files are compared as they are
