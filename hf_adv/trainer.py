@@ -29,7 +29,7 @@ from accelerate.utils import extract_model_from_parallel
 from packaging import version
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .arguments import AdversarialTrainingArguments
@@ -176,6 +176,19 @@ def _may_leave_parameters_unused(model: nn.Module) -> bool:
         if any(name in key for name in _UNUSED_PARAMETER_FIELDS) and isinstance(value, (int, float)) and value > 0:
             return True
     return False
+
+
+class _UnlabeledEpoch(TrainerCallback):
+    """Tells the training dataset which epoch begins, before the Trainer makes the epoch's iterator (and its
+    DataLoader workers), so the unlabelled rows it draws are the epoch's: Accelerate forwards `set_epoch` to the
+    dataset only when the sampler has none, which is not the case under DDP. After a resume mid-epoch, the epoch is
+    the checkpoint's (`state.epoch`, e.g. 1.5 -> 1), as is the rest of its data order."""
+
+    def __init__(self, dataset: UnlabeledMixDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
 
 
 class AdversarialMixin:
@@ -443,6 +456,7 @@ class AdversarialMixin:
             args.unlabeled_ratio,
             seed=args.data_seed if args.data_seed is not None else args.seed,
         )
+        self.add_callback(_UnlabeledEpoch(self.train_dataset))
         train_collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         self.data_collator = UnlabeledMixCollator(self.data_collator, train_collator)
 

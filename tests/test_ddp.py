@@ -426,3 +426,54 @@ def test_explicit_find_unused_and_layerdrop_keep_the_graph_search(tmp_path):
     result = _run_unused(tmp_path, "kept")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trained find_unused=True") == 4, result.stdout  # 2 trainings x 2 ranks
+
+
+# -- semi-supervised VAT: each epoch's unlabelled rows on every rank ----------------------------------------------------
+UNLABELLED_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from datasets import Dataset
+from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+
+# Labelled row i has input ids [2, 10 + i, 11, 3], unlabelled row j [2, 40 + j, 3, 0] (same length: no padding).
+labelled = Dataset.from_dict({{"input_ids": [[2, 10 + i, 11, 3] for i in range(8)], "labels": [i % 2 for i in range(8)]}})
+unlabelled = Dataset.from_dict({{"input_ids": [[2, 40 + j, 3, 0] for j in range(40)]}})
+seen = []
+
+class Spy(AdversarialTrainer):
+    def training_step(self, model, inputs, *a, **k):
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        rows = [int(ids[r, 1]) - 10 for r in range(len(labels)) if labels[r] != -100]
+        drawn = sorted(int(ids[r, 1]) - 40 for r in range(len(labels)) if labels[r] == -100)
+        epoch = int(self.state.epoch)
+        expected = sorted(j for i in rows for j in self.train_dataset.unlabelled_indices(i, epoch))
+        assert drawn == expected, (epoch, rows, drawn, expected)
+        seen.append((epoch, tuple(drawn)))
+        return super().training_step(model, inputs, *a, **k)
+
+args = AdversarialTrainingArguments(
+    output_dir={out!r}, use_cpu=True, report_to="none", per_device_train_batch_size=2, num_train_epochs=3,
+    save_strategy="no", vat_weight=1.0, unlabeled_ratio=2, disable_tqdm=True,
+)
+trainer = Spy(model=tiny_model(), args=args, train_dataset=labelled, unlabeled_dataset=unlabelled)
+metrics = trainer.train().metrics
+epochs = {{e: sorted(j for ep, drawn in seen if ep == e for j in drawn) for e in range(3)}}
+assert epochs[0] != epochs[1] != epochs[2], epochs
+assert metrics["train_labeled_rows"] == 24 and metrics["train_unlabeled_rows"] == 48, metrics
+print("checked", len(seen), "steps", flush=True)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_every_rank_draws_each_epochs_unlabelled_rows(tmp_path):
+    """Under DDP the sampler has its own `set_epoch`, so Accelerate does not tell the dataset which epoch it is: the
+    trainer does, and each rank's batches carry the rows its labelled rows draw in that epoch, new every epoch."""
+    script = tmp_path / "unlabelled.py"
+    script.write_text(UNLABELLED_SCRIPT.format(tests=str(TESTS), out=str(tmp_path / "out")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=DDP_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("checked 6 steps") == 2, result.stdout  # 3 epochs x 2 steps, on each rank

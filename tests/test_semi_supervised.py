@@ -17,6 +17,9 @@ from hf_adv import AdversarialTrainer
 from hf_adv.semi_supervised import MixedExample, UnlabeledMixCollator, UnlabeledMixDataset
 
 
+FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
 def unlabelled(n: int = 6, seed: int = 2, seq_len: int = 10) -> Dataset:
     return make_dataset(n, seq_len=seq_len, seed=seed).remove_columns("labels")
 
@@ -244,3 +247,39 @@ def test_dataloader_workers_draw_each_epochs_own_unlabelled_rows(tmp_path):
         for e in range(2)
     ]
     assert seen == expected and seen[0] != seen[1]
+
+
+def test_resuming_mid_epoch_draws_that_epochs_unlabelled_rows(tmp_path):
+    """A run resumed from a checkpoint in its second epoch trains on the batches the uninterrupted run had."""
+    labelled = Dataset.from_dict({"input_ids": [[2, 10 + i, 11, 3] for i in range(8)], "labels": [0, 1] * 4})
+    pool = Dataset.from_dict({"input_ids": [[2, 40 + j, 3, 0] for j in range(40)]})
+
+    def run(output_dir, resume=None, max_steps=-1):
+        batches = []
+
+        class Spy(AdversarialTrainer):
+            def training_step(self, model, inputs, *a, **k):
+                batches.append((self.state.global_step, inputs["input_ids"][:, 1].tolist()))
+                return super().training_step(model, inputs, *a, **k)
+
+        # A shuffling sampler: it has its own `set_epoch`, so Accelerate does not pass the epoch to the dataset.
+        shuffle = {"train_sampling_strategy": "random"} if "train_sampling_strategy" in FIELDS else {}
+        args = training_args(
+            tmp_path / output_dir,
+            **shuffle,
+            vat_weight=1.0,
+            num_train_epochs=3,
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=1,
+            per_device_train_batch_size=4,
+        )
+        trainer = Spy(model=tiny_model(), args=args, train_dataset=labelled, unlabeled_dataset=pool)
+        trainer.train(resume_from_checkpoint=resume)
+        return dict(batches)
+
+    full = run("full")
+    assert len(full) == 6 and full[2] != full[0]  # 2 steps per epoch; epoch 1 draws other unlabelled rows
+    run("cut", max_steps=3)  # stops in epoch 1, after a checkpoint at step 3 (epoch 1.5)
+    resumed = run("cut", resume=str(tmp_path / "cut" / "out" / "checkpoint-3"))
+    assert resumed == {step: rows for step, rows in full.items() if step >= 3}
