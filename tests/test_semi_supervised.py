@@ -16,7 +16,6 @@ from transformers import TrainingArguments
 from hf_adv import AdversarialTrainer
 from hf_adv.semi_supervised import MixedExample, UnlabeledMixCollator, UnlabeledMixDataset
 
-
 FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
