@@ -428,7 +428,7 @@ def test_explicit_find_unused_and_layerdrop_keep_the_graph_search(tmp_path):
     assert result.stdout.count("trained find_unused=True") == 4, result.stdout  # 2 trainings x 2 ranks
 
 
-# -- semi-supervised VAT: each epoch's unlabelled rows on every rank ----------------------------------------------------
+# -- semi-supervised VAT: each epoch's unlabelled rows on every rank --------------------------------------------------
 UNLABELLED_SCRIPT = """
 import sys
 import torch
@@ -438,7 +438,7 @@ from datasets import Dataset
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
 
 # Labelled row i has input ids [2, 10 + i, 11, 3], unlabelled row j [2, 40 + j, 3, 0] (same length: no padding).
-labelled = Dataset.from_dict({{"input_ids": [[2, 10 + i, 11, 3] for i in range(8)], "labels": [i % 2 for i in range(8)]}})
+labelled = Dataset.from_dict({{"input_ids": [[2, 10 + i, 11, 3] for i in range(8)], "labels": [0, 1] * 4}})
 unlabelled = Dataset.from_dict({{"input_ids": [[2, 40 + j, 3, 0] for j in range(40)]}})
 seen = []
 
