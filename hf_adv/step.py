@@ -36,6 +36,19 @@ def _label_count(batch: dict) -> int:
     return int((labels != IGNORE_INDEX).sum()) if isinstance(labels, torch.Tensor) else 0
 
 
+def _valid_labels(batch: dict) -> dict:
+    """`batch` with the labels of its unlabelled rows (every label -100) set to 0, for a forward whose loss is not
+    used; `batch` itself when it has none."""
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or not labels.dim():
+        return batch
+    missing = (labels == IGNORE_INDEX).reshape(labels.shape[0], -1).all(-1)
+    if not bool(missing.any()):
+        return batch
+    rows = missing.reshape(-1, *([1] * (labels.dim() - 1)))
+    return {**batch, "labels": labels.masked_fill(rows, 0)}
+
+
 def batch_size(inputs: dict) -> int:
     """The number of rows of a batch: the first dimension of its labels or input ids."""
     for key in ("labels", "input_ids", "attention_mask"):
@@ -157,8 +170,9 @@ class TrainingStep:
 
     def outputs(self, batch: dict | None = None):
         """The model's outputs when the user's loss code runs on (a copy of) `batch` (default: the whole
-        micro-batch); its loss is not used."""
-        return self.loss_and_outputs(self.inputs if batch is None else batch, need_loss=False)[1]
+        micro-batch). Its loss is not used, so the labels of unlabelled rows (all -100) are 0 in that copy: loss
+        code that indexes by label (a focal loss's `gather`, `one_hot`, class weights) would fail on -100."""
+        return self.loss_and_outputs(_valid_labels(self.inputs if batch is None else batch), need_loss=False)[1]
 
     def logits(self, batch: dict | None = None):
         return find_logits(self.outputs(batch))

@@ -486,7 +486,13 @@ class AdversarialMixin:
         attacking = self.args.adversarial and self._attack_active()
         if self.unlabeled_dataset is not None:
             self._count_rows(inputs)
-        if not attacking and self.distillation is None and self.unlabeled_dataset is None:
+        # The parent's step, unless rows without labels (all -100) need leaving out: a method is configured (VAT
+        # learns from them once it starts) and the batch has some; a multi-label BCE would train towards -100.
+        plain = not attacking and self.distillation is None
+        if plain and self.unlabeled_dataset is None and self.args.adversarial:
+            labels = inputs.get(self.label_names[0]) if getattr(self, "label_names", None) else inputs.get("labels")
+            plain = unlabelled_rows(labels) is None
+        if plain and self.unlabeled_dataset is None:
             if _PARENT_SUMS_MICRO_BATCHES and self.args.gradient_accumulation_steps > 1:
                 return self._clean_training_step(model, inputs, num_items_in_batch)
             return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)

@@ -9,7 +9,7 @@ import pytest
 import reference
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_dicts, grads, make_dataset, make_trainer, tiny_model, training_args
+from conftest import assert_close_dicts, grads, make_batch, make_dataset, make_trainer, tiny_model, training_args
 from datasets import Dataset
 from transformers import TrainingArguments
 
@@ -152,6 +152,43 @@ def test_before_vat_starts_unlabelled_rows_get_no_supervised_loss(tmp_path):
     expected.backward()
     torch.testing.assert_close(loss, expected.detach())
     assert_close_dicts(grads(model), grads(reference_model))
+
+
+def test_before_vat_starts_minus_100_rows_of_the_training_set_get_no_loss(tmp_path):
+    """Without `unlabeled_dataset` too: rows of `train_dataset` labelled -100 are unlabelled, also in the plain
+    steps before VAT starts."""
+    kwargs = {"num_labels": 3, "problem_type": "multi_label_classification"}
+    model, reference_model = tiny_model(**kwargs), tiny_model(**kwargs)
+    batch = make_batch(multi_label=True, num_labels=3)
+    batch["labels"][:2] = -100
+    trainer = make_trainer(tmp_path, model=model, vat_weight=1.0, adv_start_step=5)
+    loss = trainer.training_step(trainer.model, dict(batch))
+    logits = reference_model(input_ids=batch["input_ids"][2:], attention_mask=batch["attention_mask"][2:]).logits
+    expected = F.binary_cross_entropy_with_logits(logits, batch["labels"][2:])
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    assert_close_dicts(grads(model), grads(reference_model))
+
+
+def test_loss_code_that_indexes_by_label_sees_no_minus_100(tmp_path, deterministic_vat_noise):
+    """A focal loss (`gather` on the labels) trains with unlabelled rows: the forwards that see them (VAT's) do not
+    use their loss, and get labels it can index."""
+
+    class Focal(AdversarialTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            p = outputs.logits.softmax(-1).gather(1, labels[:, None]).squeeze(1)  # fails on -100
+            loss = (-((1 - p) ** 2) * p.log()).mean()
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = Focal(
+        model=tiny_model(),
+        args=training_args(tmp_path, vat_weight=1.0, max_steps=2),
+        train_dataset=make_dataset(8),
+        unlabeled_dataset=unlabelled(8),
+    )
+    assert trainer.train().metrics["train_unlabeled_rows"] == 8
 
 
 def test_training_counts_labelled_epochs_and_logs_the_rows_seen(tmp_path):
