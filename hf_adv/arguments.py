@@ -332,8 +332,15 @@ class AdversarialTrainingArguments(TrainingArguments):
         """Refuse unlabelled data (named `source`) that no configured method would use.
 
         Raises:
-            `ValueError`: when no configured method learns from unlabelled rows (VAT needs `vat_weight > 0`).
+            `ValueError`: when no configured method learns from unlabelled rows (VAT needs `vat_weight > 0`), or
+                with persistent DataLoader workers.
         """
+        if self.dataloader_num_workers > 0 and getattr(self, "dataloader_persistent_workers", False):
+            raise ValueError(
+                f"{source} with dataloader_persistent_workers=True: each worker would keep its copy of the training "
+                "dataset, and so the first epoch's unlabelled rows, for every epoch. Set "
+                "dataloader_persistent_workers=False."
+            )
         if not self.uses_unlabelled_rows:
             users = [name for name in list_methods(None) if get_method_class(name).uses_unlabelled_rows]
             flags = [getattr(get_method_class(name), "weight_field", "") or "adv_method" for name in users]

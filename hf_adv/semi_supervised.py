@@ -9,8 +9,9 @@ number), whose labels are set to -100. The trainer gives such rows no supervised
 
 An epoch is still one pass over the labelled rows: `num_train_epochs`, `max_steps` and the learning-rate schedule
 count labelled examples as without unlabelled data. The unlabelled rows are drawn without replacement from a
-permutation of the pool that changes each time the pool is used up, from `seed` alone: the same rows go with the same
-labelled row for a given seed and epoch, on any number of processes and with any number of DataLoader workers.
+permutation of the pool that changes each time the pool is used up, from the seed (`data_seed`, else `seed`) and the
+epoch only: the same rows go with the same labelled row for a given seed and epoch, on any number of processes and
+with any number of DataLoader workers (the trainer tells the dataset each epoch as it begins).
 """
 
 from __future__ import annotations

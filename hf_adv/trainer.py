@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 import transformers
@@ -420,6 +422,11 @@ class AdversarialMixin:
                 "unlabeled_dataset needs a train_dataset with a length (a datasets.Dataset or a map-style torch "
                 f"Dataset), got {type(train).__name__}: each labelled row brings its share of unlabelled rows."
             )
+        if isinstance(unlabeled_dataset, dict):  # a DatasetDict, or a dict of columns
+            raise ValueError(
+                f"unlabeled_dataset is a {type(unlabeled_dataset).__name__} (its keys: "
+                f"{list(unlabeled_dataset)[:5]}): pass one dataset of examples, e.g. dataset['train'] of a DatasetDict, or Dataset.from_dict(columns)."
+            )
         if isinstance(unlabeled_dataset, torch.utils.data.IterableDataset) or not hasattr(
             unlabeled_dataset, "__len__"
         ):
@@ -427,16 +434,29 @@ class AdversarialMixin:
                 f"unlabeled_dataset must be a datasets.Dataset or a map-style dataset with a length, got "
                 f"{type(unlabeled_dataset).__name__}."
             )
+        if len(unlabeled_dataset) and len(train):
+            example, labelled = unlabeled_dataset[0], train[0]
+            if not isinstance(example, Mapping):
+                raise ValueError(
+                    f"unlabeled_dataset's examples must be dicts of model inputs, as train_dataset's are; its first "
+                    f"is a {type(example).__name__}. Tokenize the texts first (dataset.map(tokenize, batched=True))."
+                )
+            inputs = [k for k in ("input_ids", "inputs_embeds") if isinstance(labelled, Mapping) and k in labelled]
+            missing = [k for k in inputs if k not in example]
+            if missing:
+                raise ValueError(
+                    f"unlabeled_dataset has no {missing[0]!r} (its columns: {sorted(example)}), which train_dataset "
+                    "has: tokenize it the same way (dataset.map(tokenize, batched=True))."
+                )
+            if math.floor(len(train) * args.unlabeled_ratio) == 0:
+                raise ValueError(
+                    f"unlabeled_ratio={args.unlabeled_ratio:g} with {len(train)} labelled rows draws no unlabelled "
+                    f"row in an epoch: use at least {1 / len(train):.3g}."
+                )
         if getattr(args, "group_by_length", False):  # removed in transformers 5.x
             raise ValueError(
                 "group_by_length=True sorts the training rows by length, which the batches mixed with unlabelled "
                 "rows cannot follow: set group_by_length=False with unlabeled_dataset."
-            )
-        if args.dataloader_num_workers > 0 and getattr(args, "dataloader_persistent_workers", False):
-            raise ValueError(
-                "dataloader_persistent_workers=True keeps each worker's copy of the training dataset across "
-                "epochs, so the unlabelled rows drawn for an epoch would not change: set "
-                "dataloader_persistent_workers=False with unlabeled_dataset."
             )
         if isinstance(train, UnlabeledMixDataset):
             raise ValueError("train_dataset is already mixed with unlabelled rows: pass the labelled dataset itself.")

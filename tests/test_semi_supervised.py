@@ -10,7 +10,7 @@ import reference
 import torch
 import torch.nn.functional as F
 from conftest import assert_close_dicts, grads, make_batch, make_dataset, make_trainer, tiny_model, training_args
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from transformers import TrainingArguments
 
 from hf_adv import AdversarialTrainer
@@ -228,10 +228,23 @@ def test_training_counts_labelled_epochs_and_logs_the_rows_seen(tmp_path):
         ({"vat_weight": 0.0, "adv_method": "fgm"}, unlabelled, r"configured methods \(fgm"),
         ({"vat_weight": 1.0, "unlabeled_ratio": 2.0}, None, r"unlabeled_ratio=2.0 is read only with unlabelled"),
         ({"vat_weight": 1.0}, lambda: unlabelled().select([]), "unlabeled_dataset is empty"),
+        ({"vat_weight": 1.0}, lambda: DatasetDict(train=unlabelled()), r"is a DatasetDict \(its keys: \['train'\]\)"),
+        ({"vat_weight": 1.0}, lambda: unlabelled().to_dict(), r"is a dict .*Dataset\.from_dict\(columns\)"),
+        ({"vat_weight": 1.0}, lambda: ["some text", "more"], r"examples must be dicts .* its first is a str"),
+        (
+            {"vat_weight": 1.0},
+            lambda: Dataset.from_dict({"text": ["a b", "c"]}),
+            r"has no 'input_ids' \(its columns: \['text'\]\).*tokenize it",
+        ),
+        (
+            {"vat_weight": 1.0, "unlabeled_ratio": 0.01},
+            unlabelled,
+            r"unlabeled_ratio=0.01 with 16 labelled rows draws no",
+        ),
         (
             {"vat_weight": 1.0, "dataloader_num_workers": 1, "dataloader_persistent_workers": True},
             unlabelled,
-            "dataloader_persistent_workers=True keeps each worker's copy",
+            "unlabeled_dataset with dataloader_persistent_workers=True: each worker would keep its copy",
         ),
     ],
 )
