@@ -425,7 +425,8 @@ class AdversarialMixin:
         if isinstance(unlabeled_dataset, dict):  # a DatasetDict, or a dict of columns
             raise ValueError(
                 f"unlabeled_dataset is a {type(unlabeled_dataset).__name__} (its keys: "
-                f"{list(unlabeled_dataset)[:5]}): pass one dataset of examples, e.g. dataset['train'] of a DatasetDict, or Dataset.from_dict(columns)."
+                f"{list(unlabeled_dataset)[:5]}): pass one dataset of examples, e.g. dataset['train'] of a "
+                "DatasetDict, or Dataset.from_dict(columns)."
             )
         if isinstance(unlabeled_dataset, torch.utils.data.IterableDataset) or not hasattr(
             unlabeled_dataset, "__len__"
