@@ -377,12 +377,34 @@ def test_imdb_learns_from_unlabelled_text(tiny_model, data, tmp_path, source, ca
     assert "unlabelled  " in summary and "2 per labelled row; seen 8 labelled and 16 unlabelled rows" in summary
 
 
+def test_unlabelled_file_has_its_own_column_rules(tiny_model, data, tmp_path):
+    """The training files' --column_names (headerless GoEmotions TSV) do not apply to an unlabelled CSV with a
+    header; a headerless one is described by --unlabeled_column_names, its text column by
+    --unlabeled_text_column_name."""
+    write(tmp_path / "bodies.csv", "id,body\n1,i so joy wow\n2,anger this\n")
+    write(tmp_path / "bare.tsv", "x1\ti so joy\nx2\tsad wow\nx3\tthe end\n")
+    base = [
+        *("--train_file", str(data / "emotions.tsv"), "--column_names", "text,labels,id"),
+        *("--class_names_file", str(data / "labels.txt"), "--vat_weight", "1.0"),
+    ]
+    header = [*base, "--unlabeled_file", str(tmp_path / "bodies.csv"), "--unlabeled_text_column_name", "body"]
+    bare = [*base, "--unlabeled_file", str(tmp_path / "bare.tsv"), "--unlabeled_column_names", "id,text"]
+    for extra, texts in ((header, ["i so joy wow", "anger this"]), (bare, ["i so joy", "sad wow", "the end"])):
+        data_args = multilabel.parse_arguments(
+            (common.ModelArguments, multilabel.MultiLabelDataArguments, imdb.AdversarialTrainingArguments),
+            ["--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "o"), *extra],
+        )[1]
+        raw = {"train": common.read_table(str(data / "emotions.tsv"), ["text", "labels", "id"])}
+        assert common.load_unlabeled(data_args, raw, multilabel.TEXT_COLUMNS)["text"].tolist() == texts
+
+
 def test_multilabel_learns_from_unlabelled_text_with_a_sample(tiny_model, data, tmp_path):
     out = tmp_path / "out"
     files = [
         *("--train_file", str(data / "emotions.tsv"), "--column_names", "text,labels,id"),
         *("--class_names_file", str(data / "labels.txt"), "--vat_weight", "1.0"),
         *("--unlabeled_file", str(data / "emotions.tsv"), "--max_unlabeled_samples", "5"),
+        *("--unlabeled_column_names", "text,labels,id"),
     ]
     results = multilabel.main(train_args(tiny_model, out, *files))
     assert results["train_labeled_rows"] == 8 and results["train_unlabeled_rows"] == 8
@@ -396,7 +418,12 @@ def test_multilabel_learns_from_unlabelled_text_with_a_sample(tiny_model, data, 
         (["--vat_weight", "1", "--unlabeled_ratio", "3"], r"--unlabeled_ratio 3 is read only with unlabelled text"),
         (["--vat_weight", "1", "--unlabeled_file", "{data}/nothing.csv"], r"nothing\.csv: no such file or folder"),
         (["--vat_weight", "1", "--unlabeled_file", "{tmp}/empty.csv"], r"empty\.csv has a header but no data rows"),
-        (["--vat_weight", "1", "--unlabeled_file", "{tmp}/notext.csv"], r"notext\.csv: no text column; looked for"),
+        (
+            ["--vat_weight", "1", "--unlabeled_file", "{tmp}/notext.csv"],
+            r"notext\.csv: no text column; looked for .*Set --unlabeled_text_column_name .*--unlabeled_column_names",
+        ),
+        (["--vat_weight", "1", "--unlabeled_file="], r"--unlabeled_file is empty"),
+        (["--vat_weight", "1", "--unlabeled_column_names", "text"], r"describe --unlabeled_file, which is not given"),
         (["--vat_weight", "1", "--unlabeled_file", "{tmp}/blank.csv"], r"blank\.csv, row 2 .*text column 'text'"),
         (["--vat_weight", "1", "--unlabeled_from_unsup", "true"], r"has no unlabelled split .*--unlabeled_file"),
         (["--vat_weight", "1", "--unlabeled_from_test", "true"], r"no test split to take texts from"),

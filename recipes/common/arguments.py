@@ -128,6 +128,20 @@ class DataArguments:
     max_unlabeled_samples: int | None = field(
         default=None, metadata={"help": "Use this many unlabelled texts, drawn with --split_seed."}
     )
+    unlabeled_text_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The text column of --unlabeled_file; default: --text_column_name when the file has it, else the "
+            "first of the recipe's text columns (text, review, ...)."
+        },
+    )
+    unlabeled_column_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated column names for an --unlabeled_file in CSV/TSV without a header row (the "
+            "training files' --column_names do not apply to it)."
+        },
+    )
 
     def unlabeled_sources(self) -> list[str]:
         """The flags that give unlabelled text, as the user wrote them (empty: none)."""
@@ -151,6 +165,13 @@ class DataArguments:
             raise RecipeError("Give --class_names or --class_names_file, not both.")
         if self.max_seq_length < 1:
             raise RecipeError(f"--max_seq_length must be >= 1, got {self.max_seq_length}.")
+        if self.unlabeled_file is not None and not self.unlabeled_file.strip():
+            raise RecipeError("--unlabeled_file is empty: give the path of a file or folder of unlabelled texts.")
+        if (self.unlabeled_text_column_name or self.unlabeled_column_names) and not self.unlabeled_file:
+            raise RecipeError(
+                "--unlabeled_text_column_name and --unlabeled_column_names describe --unlabeled_file, which is not "
+                "given (the test split's texts are read with the training files' rules)."
+            )
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples", "max_unlabeled_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:

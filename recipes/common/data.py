@@ -170,31 +170,38 @@ def load_unlabeled(
     'unlabeled', see `load_raw_splits`), drawn down to
     `--max_unlabeled_samples` with `--split_seed`; None when there are none. Label columns are ignored; an empty
     source, a missing text column or an empty text is a `DataError` naming it."""
+    # (the split, the text column asked for, the flags that set it and the column names) for each source
     parts = []
     if "unlabeled" in raw_splits:
-        parts.append(raw_splits["unlabeled"])
+        parts.append((raw_splits["unlabeled"], data_args.text_column_name, ("--text_column_name", "--column_names")))
     if data_args.unlabeled_file:
         path = Path(data_args.unlabeled_file)
         if path.is_dir():
-            parts.append(read_text_folder(path))
+            raw = read_text_folder(path)
         elif not path.is_file():
             raise DataError(f"--unlabeled_file {path}: no such file or folder.")
         else:
-            parts.append(read_table(str(path), column_names_of(data_args)))
+            names = data_args.unlabeled_column_names
+            raw = read_table(str(path), [c.strip() for c in names.split(",")] if names else None)
+        # Its own column rules: the training files' text column when it has one, else the usual candidates.
+        column = data_args.unlabeled_text_column_name
+        if column is None and data_args.text_column_name in raw.frame.columns:
+            column = data_args.text_column_name
+        parts.append((raw, column, ("--unlabeled_text_column_name", "--unlabeled_column_names")))
     if data_args.unlabeled_from_test:
         if "test" not in raw_splits:
             raise DataError(
                 "--unlabeled_from_test true: there is no test split to take texts from; give --test_file (or a "
                 "dataset with a test split), or --unlabeled_file."
             )
-        parts.append(raw_splits["test"])
+        parts.append((raw_splits["test"], data_args.text_column_name, ("--text_column_name", "--column_names")))
     if not parts:
         return None
     texts = []
-    for raw in parts:
+    for raw, requested, (flag, names_flag) in parts:
         if len(raw.frame) == 0:
             raise DataError(f"{raw.source}: no unlabelled text in it (no rows); give a file with a text column.")
-        column = resolve_column(raw, data_args.text_column_name, text_columns, "text", "--text_column_name")
+        column = resolve_column(raw, requested, text_columns, "text", flag, names_flag)
         texts += clean_texts(raw, column, data_args.clean_br_tags)
     return sample(pd.DataFrame({"text": texts}), data_args.max_unlabeled_samples, data_args.split_seed)
 
@@ -218,7 +225,14 @@ def check_unlabeled_flags(data_args: DataArguments, training_args) -> list[str]:
     return sources
 
 
-def resolve_column(raw: RawSplit, requested: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:
+def resolve_column(
+    raw: RawSplit,
+    requested: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    flag: str,
+    names_flag: str = "--column_names",
+) -> str:
     """The column to use: `requested` if given, else the first candidate present; a DataError names the columns."""
     columns = list(raw.frame.columns)
     if requested is not None:
@@ -232,7 +246,7 @@ def resolve_column(raw: RawSplit, requested: str | None, candidates: tuple[str, 
             return candidate
     raise DataError(
         f"{raw.source}: no {what} column; looked for {list(candidates)}, the columns are {columns}. "
-        f"Set {flag} to the right one (or --column_names for a file without a header row)."
+        f"Set {flag} to the right one (or {names_flag} for a file without a header row)."
     )
 
 
