@@ -195,6 +195,15 @@ class AdversarialTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={"help": "Distillation: weight of the loss on the true labels added to the soft loss (0: none)."},
     )
+    distill_train_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Defensive distillation's first stage (Papernot et al. train the teacher at the temperature they "
+            "distil at): train this model on its labels with its softmax (per-label sigmoids for multi-label) at "
+            "temperature T, the loss multiplied by T so that its gradient keeps a cross-entropy's size; the model is "
+            "used at temperature 1. Then distil from it with distill_teacher and distill_temperature T. 1: off."
+        },
+    )
     # -- semi-supervised training -----------------------------------------------------------------------------------
     unlabeled_ratio: float = field(
         default=1.0,
@@ -284,6 +293,16 @@ class AdversarialTrainingArguments(TrainingArguments):
             raise ValueError(f"unlabeled_ratio must be a finite number > 0, got {self.unlabeled_ratio}.")
         if not (self.distill_hard_weight >= 0 and math.isfinite(self.distill_hard_weight)):
             raise ValueError(f"distill_hard_weight must be a finite number >= 0, got {self.distill_hard_weight}.")
+        if not (self.distill_train_temperature > 0 and math.isfinite(self.distill_train_temperature)):
+            raise ValueError(
+                f"distill_train_temperature must be a finite number > 0, got {self.distill_train_temperature}."
+            )
+        if self.distill_train_temperature != 1.0 and self.distill_teacher:
+            raise ValueError(
+                f"distill_train_temperature={self.distill_train_temperature:g} trains a teacher on its labels, and "
+                f"distill_teacher={self.distill_teacher!r} trains a student on a teacher: one stage at a time (the "
+                "student's temperature is distill_temperature)."
+            )
         configured = self.configured_methods()
         for cls, _ in configured:
             cls.check_args(self)

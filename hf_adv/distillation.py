@@ -69,6 +69,9 @@ class Distillation:
                 labels.
         """
         student = unwrap_model(model)
+        train_temperature = getattr(args, "distill_train_temperature", 1.0)
+        if teacher is None and not args.distill_teacher and train_temperature != 1.0:
+            return TemperatureTraining(_problem_type_of(student), train_temperature)
         if teacher is None:
             if not args.distill_teacher:
                 for name in ("distill_temperature", "distill_hard_weight"):
@@ -84,10 +87,7 @@ class Distillation:
         if teacher is student:
             raise ValueError("The distillation teacher is the model being trained; pass a separate trained model.")
         config = getattr(student, "config", None)
-        # Left to the labels when the config does not say (transformers infers multi-label from float labels).
-        problem_type = getattr(config, "problem_type", None) or (
-            REGRESSION if getattr(config, "num_labels", None) == 1 else None
-        )
+        problem_type = _problem_type_of(student)
         student_labels = getattr(config, "num_labels", None)
         teacher_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
         if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
@@ -102,7 +102,11 @@ class Distillation:
 
     @staticmethod
     def describe(args) -> str | None:
-        """The distillation `args` configure, in one phrase for logs and summaries (None without a teacher path)."""
+        """The distillation `args` configure, in one phrase for logs and summaries (None without a teacher path or
+        a training temperature)."""
+        train_temperature = getattr(args, "distill_train_temperature", 1.0)
+        if train_temperature != 1.0:
+            return f"trained at temperature {train_temperature:g} (defensive distillation's teacher)"
         if not getattr(args, "distill_teacher", None):
             return None
         hard = f", hard-label weight {args.distill_hard_weight:g}" if args.distill_hard_weight else ""
@@ -155,23 +159,77 @@ class Distillation:
         """The training loss of one pass: the soft loss on `batch`'s rows plus `hard_weight` x the user's loss."""
         if isinstance(student_logits, tuple):
             student_logits = student_logits[0]
-        problem_type = self.problem_type
-        if problem_type is None:
-            labels = batch.get("labels")
-            problem_type = infer_problem_type(None, labels if isinstance(labels, torch.Tensor) else None)
-            if (
-                isinstance(labels, torch.Tensor)
-                and labels.is_floating_point()
-                and labels.shape != student_logits.shape
-            ):
-                problem_type = REGRESSION
-            if problem_type == REGRESSION:
-                raise ValueError(
-                    "Distillation needs a classification model; these labels (float, not of the logits' shape) are "
-                    "a regression's. Set the model config's problem_type if it is a classifier."
-                )
+        problem_type = _batch_problem_type(self.problem_type, student_logits, batch)
         soft = self.soft_loss(student_logits, self.teacher_logits(batch), problem_type)
         return soft + self.hard_weight * hard_loss if self.hard_weight else soft
+
+
+class TemperatureTraining:
+    """Defensive distillation's first stage (Papernot et al. 2016, section IV): the teacher is trained on its labels
+    with its softmax at temperature T, T x CE(softmax(z / T), y) (for a multi-label model T x BCE(sigmoid(z / T), y),
+    mean over labels); the factor T keeps the gradient with respect to the logits the size of a cross-entropy's at
+    T = 1, so the learning rate needs no change. The model learns logits about T times larger, and is used at T = 1.
+    The trainer uses it in place of `Distillation` (`distill_train_temperature`); the user's loss is not used.
+
+    Args:
+        problem_type (`str` or `None`): as `Distillation`'s.
+        temperature (`float`): T, > 0.
+
+    Raises:
+        `ValueError`: for a temperature <= 0, or a problem type other than single- or multi-label classification.
+    """
+
+    teacher = None
+
+    def __init__(self, problem_type: str | None, temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"distill_train_temperature must be > 0, got {temperature}.")
+        if problem_type not in (SINGLE_LABEL, MULTI_LABEL, None):
+            raise ValueError(
+                f"Training at a temperature needs a classification model (single- or multi-label), not "
+                f"problem_type={problem_type!r}."
+            )
+        self.problem_type = problem_type
+        self.temperature = float(temperature)
+
+    def loss(self, logits: torch.Tensor, batch: dict, hard_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """T x the cross-entropy (BCE for multi-label) of `logits / T` against `batch`'s labels, mean over rows."""
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        labels = batch.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError("Training at a temperature needs the batch's labels, under the key 'labels'.")
+        problem_type = _batch_problem_type(self.problem_type, logits, batch)
+        scaled = logits.float() / self.temperature
+        if problem_type == MULTI_LABEL:
+            loss = F.binary_cross_entropy_with_logits(scaled, labels.to(scaled.dtype))
+        else:
+            loss = F.cross_entropy(scaled.reshape(-1, scaled.shape[-1]), labels.reshape(-1))
+        return loss * self.temperature
+
+
+def _problem_type_of(model: nn.Module) -> str | None:
+    """The model config's problem type; None (left to the labels) when the config does not say."""
+    config = getattr(model, "config", None)
+    # transformers infers multi-label from float labels when the config does not say.
+    return getattr(config, "problem_type", None) or (REGRESSION if getattr(config, "num_labels", None) == 1 else None)
+
+
+def _batch_problem_type(problem_type: str | None, logits: torch.Tensor, batch: dict) -> str:
+    """`problem_type`, or when None the one the labels of `batch` show (class ids: single-label; float of the
+    logits' shape: multi-label); a regression's labels are refused."""
+    if problem_type is not None:
+        return problem_type
+    labels = batch.get("labels")
+    problem_type = infer_problem_type(None, labels if isinstance(labels, torch.Tensor) else None)
+    if isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.shape != logits.shape:
+        problem_type = REGRESSION
+    if problem_type == REGRESSION:
+        raise ValueError(
+            "Distillation needs a classification model; these labels (float, not of the logits' shape) are a "
+            "regression's. Set the model config's problem_type if it is a classifier."
+        )
+    return problem_type
 
 
 def _load_teacher(student: nn.Module, path: str) -> nn.Module:

@@ -335,6 +335,12 @@ class AdversarialMixin:
                 f"distill_teacher={args.distill_teacher!r}: the teacher is not sharded with {engine}, and "
                 "distillation is not supported with it. Use DDP (`accelerate launch --multi_gpu`) or one device."
             )
+        if args.distill_train_temperature != 1.0 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            engine = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+            raise ValueError(
+                f"distill_train_temperature={args.distill_train_temperature:g} is not supported with {engine}. Use "
+                "DDP (`accelerate launch --multi_gpu`) or one device."
+            )
         if not args.adversarial:
             return
         described = args.describe_methods()

@@ -175,3 +175,60 @@ def test_teacher_of_another_architecture_loads_from_its_folder(tmp_path):
     loaded = trainer.distillation.teacher
     assert isinstance(loaded, RobertaForSequenceClassification)
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), teacher.parameters()))
+
+
+# -- the first stage: a teacher trained at temperature T --------------------------------------------------------------
+@pytest.mark.parametrize("multi_label", [False, True], ids=["softmax", "bernoulli"])
+@pytest.mark.parametrize("adv_method", ["none", "fgm"])
+def test_training_at_a_temperature_matches_reference(tmp_path, multi_label, adv_method):
+    """Papernot et al.'s teacher: T x CE(softmax(z / T), y) (BCE of sigmoid(z / T) for multi-label), alone and as
+    the loss of FGM's passes."""
+    num_labels, temperature = (3 if multi_label else 2), 20.0
+    kwargs = {"num_labels": num_labels, **({"problem_type": "multi_label_classification"} if multi_label else {})}
+    batch = make_batch(multi_label=multi_label, num_labels=num_labels)
+    model, reference_model = tiny_model(**kwargs), tiny_model(**kwargs)
+
+    def loss_at(delta=None):
+        handle = None
+        if delta is not None:
+            embedding = reference_model.get_input_embeddings()
+            handle = embedding.register_forward_hook(lambda m, a, out: out + delta[a[0]])
+        try:
+            logits = reference_model(**batch).logits / temperature
+        finally:
+            if handle is not None:
+                handle.remove()
+        if multi_label:
+            return temperature * F.binary_cross_entropy_with_logits(logits, batch["labels"])
+        return temperature * F.cross_entropy(logits, batch["labels"])
+
+    loss_at().backward()
+    if adv_method == "fgm":
+        g = reference_model.get_input_embeddings().weight.grad.detach().clone()
+        reference_model.zero_grad()
+        loss_at().backward()
+        loss_at(0.5 * g / g.norm()).backward()
+
+    trainer = make_trainer(
+        tmp_path, model=model, adv_method=adv_method, adv_epsilon=0.5, distill_train_temperature=temperature
+    )
+    before = state(model)
+    trainer.training_step(trainer.model, dict(batch))
+    assert_close_dicts(grads(model), grads(reference_model))
+    assert all(torch.equal(value, before[name]) for name, value in state(model).items())
+
+
+def test_training_at_a_temperature_refusals_and_summary(tmp_path):
+    with pytest.raises(ValueError, match="one stage at a time"):
+        AdversarialTrainingArguments(output_dir=str(tmp_path), distill_teacher="t", distill_train_temperature=20.0)
+    with pytest.raises(ValueError, match="distill_train_temperature must be a finite number > 0, got 0.0"):
+        AdversarialTrainingArguments(output_dir=str(tmp_path), distill_train_temperature=0.0)
+    with pytest.raises(ValueError, match="needs a classification model"):
+        make_trainer(tmp_path, model=tiny_model(num_labels=1), distill_train_temperature=20.0)
+    args = AdversarialTrainingArguments(output_dir=str(tmp_path), distill_train_temperature=20.0)
+    from hf_adv.distillation import Distillation
+
+    assert Distillation.describe(args) == "trained at temperature 20 (defensive distillation's teacher)"
+    trainer = make_trainer(tmp_path, distill_train_temperature=20.0, max_steps=2, logging_steps=1)
+    trainer.train()
+    assert len([log for log in trainer.state.log_history if "loss" in log]) == 2
