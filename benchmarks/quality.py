@@ -60,13 +60,14 @@ CONFIGS = ROOT / "recipes" / "configs"
 QUALITY_METHODS = tuple(sorted(p.stem.removeprefix("imdb_") for p in CONFIGS.glob("imdb_*.yaml")))
 DEFAULT_METHODS = ("none", "fgm", "pgd", "awp", "vat")
 DATA = ROOT.parent / "shared" / "data"
-TEACHER = "<runs-dir>/<task>/none/seed<seed>"  # the teacher of a distillation run, as the config records it
+TEACHER = "<runs-dir>/<task>/<teacher>/seed<seed>"  # the teacher of a distillation run, as the config records it
 TRAINED = "quality_train.json"  # in a run folder: the command that trained its model, written once it succeeded
 
 
 def method_flags(method: str, epochs: float, teacher: Path | None = None) -> list[str]:
     """The recipe flags that select `method`, read from `recipes/configs/imdb_<method>.yaml`. A distillation config's
-    `distill_teacher` becomes `teacher`: the plain (`none`) run of the same task and seed."""
+    `distill_teacher` becomes `teacher`: the run of the same task and seed of the method the config names
+    (`runs/imdb_none`: the plain run; see `teacher_method`)."""
     flags = []
     for key, value in config_settings(method).items():
         if key == "distill_teacher":
@@ -117,18 +118,32 @@ def train_command(task: str, method: str, seed: int, run_dir: Path, args: argpar
         *("--max_eval_samples", str(args.eval_samples), "--max_predict_samples", str(args.test_samples)),
         *("--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"),
         *data,
-        *method_flags(method, epochs, teacher_dir(task, seed, args)),
+        *method_flags(method, epochs, teacher_dir(task, seed, args, method)),
         *shlex.split(args.recipe_args),
     ]
 
 
-def teacher_dir(task: str, seed: int, args: argparse.Namespace) -> Path:
-    """The teacher of a distillation run: the plain run of its task and seed."""
-    return args.runs_dir / task / "none" / f"seed{seed}"
+def teacher_method(method: str) -> str | None:
+    """The grid method whose run teaches a distillation config: its `distill_teacher` names the folder the config's
+    comment trains, `runs/imdb_<method>` (`none` for the plain run; e.g. a config trained with
+    `distill_train_temperature`, Papernot et al.'s teacher); None for a config that is no distillation."""
+    teacher = config_settings(method).get("distill_teacher")
+    if teacher is None:
+        return None
+    name = Path(str(teacher)).name.removeprefix("imdb_")
+    if name not in QUALITY_METHODS:
+        raise SystemExit(
+            f"recipes/configs/imdb_{method}.yaml: distill_teacher {teacher!r} names no config of the grid; write it "
+            f"runs/imdb_<config> with <config> one of {list(QUALITY_METHODS)}."
+        )
+    return name
 
 
-def is_distillation(method: str) -> bool:
-    return "distill_teacher" in config_settings(method)
+def teacher_dir(task: str, seed: int, args: argparse.Namespace, method: str | None = None) -> Path:
+    """The teacher of a distillation run: the run of `teacher_method(method)` (default: the plain run) of its task
+    and seed."""
+    teacher = (teacher_method(method) if method is not None else None) or "none"
+    return args.runs_dir / task / teacher / f"seed{seed}"
 
 
 def robustness_argv(task: str, method: str, run_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -238,8 +253,9 @@ def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: 
     run_dir = args.runs_dir / task / method / f"seed{seed}"
     scoring = robustness_argv(task, method, run_dir, args)
     saved = run_dir / "quality.json"
-    if is_distillation(method) and not train(
-        task, "none", seed, teacher_dir(task, seed, args), args, f"{label} (its teacher, none)"
+    teacher = teacher_method(method)
+    if teacher is not None and not train(
+        task, teacher, seed, teacher_dir(task, seed, args, method), args, f"{label} (its teacher, {teacher})"
     ):
         return None
     if not train(task, method, seed, run_dir, args, label):

@@ -224,3 +224,16 @@ def test_runs_trained_from_another_checkout_are_the_same_run():
     assert quality.same_checkout_paths(ours) != quality.same_checkout_paths(changed)
     files = ["--train_file", "/a/imdb/train.csv.gz"]
     assert quality.same_checkout_paths(files) == files  # data files are compared as they are
+
+
+def test_distillation_configs_name_their_teacher_run(tmp_path, monkeypatch):
+    """`distill_teacher: runs/imdb_<config>` makes the grid train that config's run of the same seed first."""
+    assert quality.teacher_method("distill") == "none" and quality.teacher_method("fgm") is None
+    args = type("Args", (), {"runs_dir": tmp_path})()
+    assert quality.teacher_dir("imdb", 2, args, "distill") == tmp_path / "imdb" / "none" / "seed2"
+    flags = quality.method_flags("distill", 1.0, quality.teacher_dir("imdb", 2, args, "distill"))
+    assert flags[flags.index("--distill_teacher") + 1] == str(tmp_path / "imdb" / "none" / "seed2")
+    settings = {"distill_teacher": "runs/imdb_nothing", "distill_temperature": 20.0}
+    monkeypatch.setattr(quality, "config_settings", lambda name: settings)
+    with pytest.raises(SystemExit, match="names no config of the grid"):
+        quality.teacher_method("anything")
