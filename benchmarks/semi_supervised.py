@@ -25,6 +25,7 @@ command that trained it) is not trained again, and is refused if this invocation
     python -m benchmarks.semi_supervised --tasks imdb --labels 200 --seeds 0,1,2            # the issue's grid
     python -m benchmarks.semi_supervised --tasks imdb --labels 200,1000,2000 --conditions plain,vat_unlabeled
     python -m benchmarks.semi_supervised --no-train                                          # publish what ran
+    python -m benchmarks.semi_supervised --no-train --cost-rounds 7          # and measure the cost of an epoch
 
 The table (mean and sample standard deviation over seeds) goes to `docs/benchmarks/semi_supervised.json` and `.md`.
 """
@@ -34,11 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -239,6 +242,54 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["task"], r["labels"], order[r["condition"]]))
 
 
+def measure_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """The cost of a labelled epoch, as `benchmarks.step_cost` measures a step: one process, rounds interleaved in a
+    shuffled order, each step's time over the plain step's in the same round (median over rounds). A labelled epoch
+    has the same number of steps in every condition, so the step's ratio is the epoch's: plain on 16 rows, VAT on the
+    same 16, VAT on 16 labelled + 16 x `--ratio` unlabelled rows (labels -100), at 128 tokens."""
+    import torch
+
+    from .common import build_trainer, load_model, make_batch, summarize
+    from .step_cost import prepare, run_step
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    vocab = model.config.vocab_size
+    labelled = make_batch(vocab, 16, 128, seed=0)
+    rows = 16 + round(16 * args.ratio)
+    mixed = make_batch(vocab, rows, 128, seed=0)
+    mixed["labels"][16:] = -100
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = {
+            "plain": (build_trainer("plain", model, tmp), labelled),
+            "vat": (build_trainer("vat", model, tmp), labelled),
+            "vat_unlabeled": (build_trainer("vat", model, tmp), mixed),
+        }
+        for trainer, _ in steps.values():
+            prepare(trainer)
+        rng = random.Random(0)
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for r in range(args.cost_warmup + args.cost_rounds):
+            order = list(steps)
+            rng.shuffle(order)
+            measured = {name: run_step(*steps[name])[0] for name in order}
+            if r >= args.cost_warmup:
+                for name, seconds in measured.items():
+                    times[name].append(seconds)
+            plain = measured["plain"]
+            print(
+                f"[semi-supervised] cost round {r + 1}: "
+                + ", ".join(f"{n} {t / plain:.2f}x" for n, t in measured.items())
+            )
+    return {
+        "rows": {"plain": 16, "vat": 16, "vat_unlabeled": rows},
+        "rounds": args.cost_rounds,
+        "threads": args.threads,
+        "ratio_to_plain": {name: summarize([t / p for t, p in zip(ts, times["plain"])]) for name, ts in times.items()},
+        "plain_seconds": summarize(times["plain"]),
+    }
+
+
 def markdown(data: dict[str, Any]) -> str:
     def pct(entry: dict | None) -> str:
         if entry is None:
@@ -267,6 +318,17 @@ def markdown(data: dict[str, Any]) -> str:
         )
     if data["missing"]:
         lines += ["", "Not run yet: " + "; ".join(data["missing"]) + "."]
+    cost = data.get("cost")
+    if cost:
+        ratios = cost["ratio_to_plain"]
+        lines += [
+            "",
+            f"Cost of a labelled epoch (one step, interleaved, median of {cost['rounds']} rounds, {cost['threads']} "
+            f"thread(s); plain step {cost['plain_seconds']['median']:.2f} s on 16 x 128): VAT on the 16 labelled rows "
+            f"{ratios['vat']['median']:.2f}x, VAT with {cost['rows']['vat_unlabeled'] - 16} unlabelled rows more "
+            f"{ratios['vat_unlabeled']['median']:.2f}x (quartiles {ratios['vat_unlabeled']['q1']:.2f}-"
+            f"{ratios['vat_unlabeled']['q3']:.2f}x).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -287,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe-args", default="", help="extra recipe flags")
     parser.add_argument("--output-dir", type=Path, default=DOCS, help="docs folder: benchmarks/semi_supervised.*")
     parser.add_argument("--no-train", action="store_true", help="publish the runs trained so far; train nothing")
+    parser.add_argument(
+        "--cost-rounds", type=int, default=0, help="measure the step cost of each condition over N rounds (0: no)"
+    )
+    parser.add_argument("--cost-warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the cost measurement")
     return parser
 
 
@@ -327,9 +394,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": aggregate(runs),
         "runs": runs,
         "missing": missing,
+        "cost": measure_cost(args) if args.cost_rounds > 0 else None,
     }
     out = args.output_dir / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "semi_supervised.json"
+    if data["cost"] is None and previous.is_file():  # kept until measured again
+        data["cost"] = json.loads(previous.read_text()).get("cost")
     write_json(out / "semi_supervised.json", data)
     (out / "semi_supervised.md").write_text(markdown(data))
     from .report import render

@@ -208,8 +208,11 @@ def test_semi_supervised_trains_every_condition_and_resumes(tiny_model, data, tm
     assert goemotions["runs"][0]["also"] is not None and goemotions["runs"][0]["unlabeled_rows"] == 32
 
     # Published again without training; another setting is refused rather than mixed in.
-    again = semi_supervised.main([*common, "--tasks", "imdb", "--labels", "4", "--no-train"])
+    again = semi_supervised.main([*common, "--tasks", "imdb", "--labels", "4", "--no-train", "--cost-rounds", "1"])
     assert len(again["runs"]) == 4
+    cost = again["cost"]
+    assert cost["rows"] == {"plain": 16, "vat": 16, "vat_unlabeled": 48} and cost["ratio_to_plain"]["vat"]["n"] == 1
+    assert "Cost of a labelled epoch" in (tmp_path / "docs" / "benchmarks" / "semi_supervised.md").read_text()
     changed = [*common[:-2], "--recipe-args", "--learning_rate 1e-3", "--tasks", "imdb", "--labels", "4"]
     with pytest.raises(SystemExit, match="trained with other settings"):
         semi_supervised.main(changed)
