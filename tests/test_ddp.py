@@ -462,7 +462,7 @@ metrics = trainer.train().metrics
 epochs = {{e: sorted(j for ep, drawn in seen if ep == e for j in drawn) for e in range(3)}}
 assert epochs[0] != epochs[1] != epochs[2], epochs
 assert metrics["train_labeled_rows"] == 24 and metrics["train_unlabeled_rows"] == 48, metrics
-print(f"checked {len(seen)} steps", flush=True)  # one write: the ranks share stdout
+print(f"checked {{len(seen)}} steps", flush=True)  # one write: the ranks share stdout
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
