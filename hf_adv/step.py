@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from .embedding import EmbeddingTap, unwrap_model
-from .losses import IGNORE_INDEX, divergence, find_logits, prediction_positions, resolve_divergence
+from .losses import (
+    IGNORE_INDEX,
+    divergence,
+    find_logits,
+    prediction_positions,
+    resolve_divergence,
+    unlabelled_rows,
+)
 
 
 def select_rows(inputs: dict, index: torch.Tensor, batch_size: int) -> dict:
@@ -40,10 +47,8 @@ def _valid_labels(batch: dict) -> dict:
     """`batch` with the labels of its unlabelled rows (every label -100) set to 0, for a forward whose loss is not
     used; `batch` itself when it has none."""
     labels = batch.get("labels")
-    if not isinstance(labels, torch.Tensor) or not labels.dim():
-        return batch
-    missing = (labels == IGNORE_INDEX).reshape(labels.shape[0], -1).all(-1)
-    if not bool(missing.any()):
+    missing = unlabelled_rows(labels)
+    if missing is None:
         return batch
     rows = missing.reshape(-1, *([1] * (labels.dim() - 1)))
     return {**batch, "labels": labels.masked_fill(rows, 0)}
