@@ -67,9 +67,13 @@ class UnlabeledMixDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labelled)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Accelerate's DataLoader at the start of every epoch: the next epoch's unlabelled rows follow
-        this one's in the stream."""
+    def begin_epoch(self, epoch: int) -> None:
+        """Makes `epoch` (0-based) the current one: the next epoch's unlabelled rows follow this one's in the stream.
+
+        The trainer calls it as each epoch begins, before the epoch's DataLoader iterator (and its workers) is made.
+        It is deliberately not `set_epoch`: Accelerate passes its DataLoader's own epoch count to a dataset's
+        `set_epoch`, and the loader that skips a resumed epoch's first batches counts from 0 again (transformers
+        4.x), which would draw epoch 0's unlabelled rows for the rest of the resumed epoch."""
         self.epoch = int(epoch)
 
     def per_epoch(self) -> int:

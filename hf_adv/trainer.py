@@ -182,15 +182,16 @@ def _may_leave_parameters_unused(model: nn.Module) -> bool:
 
 class _UnlabeledEpoch(TrainerCallback):
     """Tells the training dataset which epoch begins, before the Trainer makes the epoch's iterator (and its
-    DataLoader workers), so the unlabelled rows it draws are the epoch's: Accelerate forwards `set_epoch` to the
-    dataset only when the sampler has none, which is not the case under DDP. After a resume mid-epoch, the epoch is
-    the checkpoint's (`state.epoch`, e.g. 1.5 -> 1), as is the rest of its data order."""
+    DataLoader workers), so the unlabelled rows it draws are the epoch's. Accelerate's own epoch count cannot be
+    used: it reaches the dataset only when the sampler has no `set_epoch` (not under DDP), and restarts at 0 in the
+    loader that skips a resumed epoch's first batches. After a resume mid-epoch, the epoch is the checkpoint's
+    (`state.epoch`, e.g. 1.5 -> 1), as is the rest of its data order."""
 
     def __init__(self, dataset: UnlabeledMixDataset):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(state.epoch or 0))
+        self.dataset.begin_epoch(int(state.epoch or 0))
 
 
 class AdversarialMixin:
