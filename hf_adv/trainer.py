@@ -518,8 +518,7 @@ class AdversarialMixin:
         # learns from them once it starts) and the batch has some; a multi-label BCE would train towards -100.
         plain = not attacking and self.distillation is None
         if plain and self.unlabeled_dataset is None and self.args.adversarial:
-            labels = inputs.get(self.label_names[0]) if getattr(self, "label_names", None) else inputs.get("labels")
-            plain = unlabelled_rows(labels) is None
+            plain = unlabelled_rows(self._batch_labels(inputs)) is None
         if plain and self.unlabeled_dataset is None:
             if _PARENT_SUMS_MICRO_BATCHES and self.args.gradient_accumulation_steps > 1:
                 return self._clean_training_step(model, inputs, num_items_in_batch)
@@ -639,9 +638,13 @@ class AdversarialMixin:
         self.accelerator.backward(loss)
         return loss.detach()
 
+    def _batch_labels(self, inputs: dict):
+        """The batch's labels (the Trainer's first `label_names`, else `labels`), or None."""
+        return inputs.get(self.label_names[0]) if getattr(self, "label_names", None) else inputs.get("labels")
+
     def _count_rows(self, inputs: dict) -> None:
         """Record the labelled and unlabelled rows of this micro-batch (logged as totals)."""
-        labels = inputs.get(self.label_names[0]) if getattr(self, "label_names", None) else inputs.get("labels")
+        labels = self._batch_labels(inputs)
         missing = unlabelled_rows(labels)
         rows = int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
         unlabelled = int(missing.sum()) if missing is not None else 0
@@ -654,7 +657,7 @@ class AdversarialMixin:
     def _labelled_rows(self, inputs: dict) -> dict | None:
         """The batch without its unlabelled rows (all labels -100): `inputs` itself when every row is labelled, None
         when none is."""
-        labels = inputs.get(self.label_names[0]) if getattr(self, "label_names", None) else inputs.get("labels")
+        labels = self._batch_labels(inputs)
         missing = unlabelled_rows(labels)
         if missing is None:
             return inputs
