@@ -7,9 +7,14 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +244,86 @@ def write_json(path: Path, data: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)
+
+
+def by_run_name(argv: list[str], run_dir: Path) -> list[str]:
+    """`argv` with the run folder written `<run>`, so that two spellings of one folder compare equal."""
+    return [arg.replace(str(run_dir), "<run>") for arg in argv]
+
+
+def same_checkout_paths(argv: list[str]) -> list[str]:
+    """`argv` with the recipe scripts and configs named from the checkout (`<checkout>/recipes/imdb.py`), so that a
+    run trained from another checkout of the project (a git worktree) is the same run."""
+    return [re.sub(r"^.*/(recipes/[^/]+(?:/[^/]+)?)$", r"<checkout>/\1", arg) for arg in argv]
+
+
+def recorded_command(command: list[str], output_dir: Path) -> list[str]:
+    """The training command as recorded and compared: without the interpreter, and the output folder by name."""
+    return by_run_name(command[1:], output_dir)
+
+
+def train_run(
+    run_dir: Path,
+    command_for: Callable[[Path], list[str]],
+    *,
+    marker: str,
+    label: str,
+    tag: str,
+    no_train: bool = False,
+    adopt_untracked: bool = False,
+) -> bool:
+    """Train one benchmark run with a recipe in a subprocess, resumably; whether the run has a model now (False only
+    with `no_train`).
+
+    The recipe writes to `<run>.partial`, renamed `<run>` when it succeeds, with the command in `<run>/<marker>`. A
+    run with its marker is not trained again, and is refused (`SystemExit`) if `command_for` now gives other
+    arguments (the checkout's path and the run folder's spelling aside). With `adopt_untracked`, a run folder that
+    holds a model but no marker (trained by hand) is used as it is. The recipe's output goes to `seed<N>.log` beside
+    the run folder.
+
+    Args:
+        run_dir: the run's folder (`.../seed<N>`).
+        command_for: the training command (interpreter first) writing to the given output folder.
+        marker: the name of the file that records the command.
+        label: names the run in messages, after the benchmark's `tag` (`[quality] label: ...`).
+    """
+    tag = f"[{tag}]"
+    wanted = recorded_command(command_for(run_dir), run_dir)
+    if (run_dir / marker).is_file():
+        previous = json.loads((run_dir / marker).read_text())["command"]
+        if same_checkout_paths(previous) != same_checkout_paths(wanted):
+            differing = sorted(set(previous) ^ set(wanted))
+            raise SystemExit(
+                f"{run_dir} was trained with other settings than this invocation asks for (differing arguments: "
+                f"{differing}). Delete it, or pass another --runs-dir; nothing was changed."
+            )
+        return True
+    if adopt_untracked and (run_dir / "model.safetensors").is_file():
+        print(f"{tag} {label}: {run_dir} holds a model trained outside this script: used as it is", flush=True)
+        return True
+    if no_train:
+        print(f"{tag} {label}: not trained yet, left out (--no-train)", flush=True)
+        return False
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"{run_dir} exists without {marker}; delete it to train this run.")
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    command = command_for(partial)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    print(f"{tag} {label}: training, log in {log}\n  {shlex.join(command)}", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ).returncode
+    if status:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        raise SystemExit(
+            f"{label}: the recipe failed (exit {status}); its output is in {partial} (deleted by the next start), "
+            f"log {log}:\n{tail}"
+        )
+    if run_dir.exists():
+        run_dir.rmdir()  # empty (checked above)
+    partial.rename(run_dir)
+    write_json(run_dir / marker, {"command": recorded_command(command, partial)})
+    print(f"{tag} {label}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return True

@@ -33,11 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,10 +44,12 @@ from .common import (
     DOCS,
     MINILM,
     ROOT,
+    by_run_name,
     command_line,
     config_settings,
     machine_info,
     resolve_model_path,
+    train_run,
     write_json,
 )
 
@@ -184,65 +183,18 @@ def same_scoring(previous: list[str], scoring: list[str]) -> bool:
     return rest == wanted_rest and wanted <= attacks
 
 
-def by_run_name(argv: list[str], run_dir: Path) -> list[str]:
-    """`argv` with the run folder written `<run>`, so that two spellings of one folder compare equal."""
-    return [arg.replace(str(run_dir), "<run>") for arg in argv]
-
-
-def same_checkout_paths(argv: list[str]) -> list[str]:
-    """`argv` with the recipe scripts and configs named from the checkout (`<checkout>/recipes/imdb.py`), so that a
-    run trained from another checkout of the project (a git worktree) is the same run."""
-    return [re.sub(r"^.*/(recipes/[^/]+(?:/[^/]+)?)$", r"<checkout>/\1", arg) for arg in argv]
-
-
-def recorded_command(command: list[str], output_dir: Path) -> list[str]:
-    """The training command as recorded and compared: without the interpreter, and the output folder by name."""
-    return by_run_name(command[1:], output_dir)
-
-
 def train(task: str, method: str, seed: int, run_dir: Path, args: argparse.Namespace, label: str) -> bool:
     """Train the run's model with the recipe unless it is there already (see the module docstring); whether the
     run has a model now (False only under `--no-train`)."""
-    wanted = recorded_command(train_command(task, method, seed, run_dir, args), run_dir)
-    marker = run_dir / TRAINED
-    if marker.is_file():
-        previous = json.loads(marker.read_text())["command"]
-        if same_checkout_paths(previous) != same_checkout_paths(wanted):
-            differing = sorted(set(previous) ^ set(wanted))
-            raise SystemExit(
-                f"{run_dir} was trained with other settings than this invocation asks for (differing arguments: "
-                f"{differing}). Delete it, or pass another --runs-dir; nothing was changed."
-            )
-        return True
-    if (run_dir / "model.safetensors").is_file():
-        print(f"[quality] {label}: {run_dir} holds a model trained outside this script: scored as it is", flush=True)
-        return True
-    if args.no_train:
-        print(f"[quality] {label}: not trained yet, left out (--no-train)", flush=True)
-        return False
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise SystemExit(f"{run_dir} exists without a model; delete it to train this run.")
-    partial = run_dir.with_name(run_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    command = train_command(task, method, seed, partial, args)
-    log = run_dir.parent / f"seed{seed}.log"
-    print(f"[quality] {label}: training, log in {log}\n  {shlex.join(command)}", flush=True)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ).returncode
-    if status:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        raise SystemExit(
-            f"{label}: the recipe failed (exit {status}); its output is in {partial} (deleted by the next start), "
-            f"log {log}:\n{tail}"
-        )
-    if run_dir.exists():
-        run_dir.rmdir()  # empty (checked above)
-    partial.rename(run_dir)
-    write_json(run_dir / TRAINED, {"command": recorded_command(command, partial)})
-    print(f"[quality] {label}: trained in {time.perf_counter() - start:.0f} s", flush=True)
-    return True
+    return train_run(
+        run_dir,
+        lambda output_dir: train_command(task, method, seed, output_dir, args),
+        marker=TRAINED,
+        label=label,
+        tag="quality",
+        no_train=args.no_train,
+        adopt_untracked=True,
+    )
 
 
 def run_one(task: str, method: str, seed: int, args: argparse.Namespace, label: str) -> dict[str, Any] | None:

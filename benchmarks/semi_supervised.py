@@ -34,23 +34,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .common import DOCS, MINILM, ROOT, config_settings, machine_info, resolve_model_path, write_json
-from .quality import same_checkout_paths
+from .common import DOCS, MINILM, ROOT, config_settings, machine_info, resolve_model_path, train_run, write_json
 
 TASKS = ("imdb", "goemotions")
 CONDITIONS = ("plain", "vat", "vat_unlabeled", "vat_test")
@@ -153,43 +148,19 @@ def train_command(task: str, labels: int, condition: str, seed: int, run_dir: Pa
     return command + shlex.split(args.recipe_args)
 
 
-def recorded(command: list[str], run_dir: Path) -> list[str]:
-    return [arg.replace(str(run_dir), "<run>") for arg in command[1:]]
-
-
 def run_one(task: str, labels: int, condition: str, seed: int, args) -> dict[str, Any] | None:
     run_dir = args.runs_dir / task / f"labels{labels}" / condition / f"seed{seed}"
     label = f"{task} {labels} labels, {condition}, seed {seed}"
-    wanted = recorded(train_command(task, labels, condition, seed, run_dir, args), run_dir)
-    marker = run_dir / TRAINED
-    if marker.is_file():
-        previous = json.loads(marker.read_text())["command"]
-        if same_checkout_paths(previous) != same_checkout_paths(wanted):
-            raise SystemExit(
-                f"{run_dir} was trained with other settings (differing arguments: "
-                f"{sorted(set(previous) ^ set(wanted))}). Delete it, or pass another --runs-dir."
-            )
-    elif args.no_train:
-        print(f"[semi-supervised] {label}: not trained yet, left out (--no-train)", flush=True)
+    trained = train_run(
+        run_dir,
+        lambda output_dir: train_command(task, labels, condition, seed, output_dir, args),
+        marker=TRAINED,
+        label=label,
+        tag="semi-supervised",
+        no_train=args.no_train,
+    )
+    if not trained:
         return None
-    else:
-        partial = run_dir.with_name(run_dir.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        if run_dir.exists():
-            raise SystemExit(f"{run_dir} exists without {TRAINED}; delete it to train this run.")
-        command = train_command(task, labels, condition, seed, partial, args)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = run_dir.parent / f"seed{seed}.log"
-        print(f"[semi-supervised] {label}: training, log in {log}\n  {shlex.join(command)}", flush=True)
-        start = time.perf_counter()
-        with open(log, "w") as out:
-            status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ)
-        if status.returncode:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-            raise SystemExit(f"{label}: the recipe failed (exit {status.returncode}), log {log}:\n{tail}")
-        partial.rename(run_dir)
-        write_json(run_dir / TRAINED, {"command": recorded(command, partial)})
-        print(f"[semi-supervised] {label}: trained in {time.perf_counter() - start:.0f} s", flush=True)
     results = json.loads((run_dir / "all_results.json").read_text())
     settings = TASK_SETTINGS[task]
     return {

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:  # `pytest` without `python -m` does not put the r
 from test_recipes import data, tiny_model  # noqa: E402, F401  (module fixtures: a tiny BERT folder, a few rows)
 
 from benchmarks import end_to_end, quality, report, semi_supervised, step_cost  # noqa: E402
-from benchmarks.common import METHODS  # noqa: E402
+from benchmarks.common import METHODS, same_checkout_paths  # noqa: E402
 
 # One thread: on a shared 2-core machine OpenMP barriers between busy cores make tiny ops take milliseconds.
 TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "16", "--threads", "1"]
@@ -222,11 +222,11 @@ def test_runs_trained_from_another_checkout_are_the_same_run():
     """A run trained from a git worktree of the project has its recipe and config under that worktree: the same."""
     ours = [str(ROOT / "recipes" / "imdb.py"), str(ROOT / "recipes" / "configs" / "imdb_fgm.yaml"), "--seed", "0"]
     other = ["/elsewhere/wt/recipes/imdb.py", "/elsewhere/wt/recipes/configs/imdb_fgm.yaml", "--seed", "0"]
-    assert quality.same_checkout_paths(ours) == quality.same_checkout_paths(other)
+    assert same_checkout_paths(ours) == same_checkout_paths(other)
     changed = ["/elsewhere/wt/recipes/imdb.py", "/elsewhere/wt/recipes/configs/imdb_pgd.yaml", "--seed", "0"]
-    assert quality.same_checkout_paths(ours) != quality.same_checkout_paths(changed)
+    assert same_checkout_paths(ours) != same_checkout_paths(changed)
     files = ["--train_file", "/a/imdb/train.csv.gz"]
-    assert quality.same_checkout_paths(files) == files  # data files are compared as they are
+    assert same_checkout_paths(files) == files  # data files are compared as they are
 
 
 def test_distillation_configs_name_their_teacher_run(tmp_path, monkeypatch):
