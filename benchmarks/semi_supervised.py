@@ -171,6 +171,7 @@ def run_one(task: str, labels: int, condition: str, seed: int, args) -> dict[str
         "metric": settings["metric"],
         "score": results[settings["metric"]],
         "also": results.get(settings["also"]) if settings["also"] else None,
+        "test_loss": results.get("test_loss"),
         "train_seconds": results["train_runtime"],
         "epochs": results.get("epoch"),
         "labeled_rows": results.get("train_labeled_rows"),
@@ -205,6 +206,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "metric": group[0]["metric"],
                 "score": spread([r["score"] for r in group]),
                 "also": spread([r["also"] for r in group]) if group[0]["also"] is not None else None,
+                "test_loss": spread([r["test_loss"] for r in group]) if group[0].get("test_loss") else None,
                 "unlabeled_rows_seen": group[0]["unlabeled_rows"],
                 "time_ratio_to_plain": statistics.median(ratios) if ratios else None,
             }
@@ -269,15 +271,24 @@ def markdown(data: dict[str, Any]) -> str:
         values = " / ".join(f"{100 * v:.1f}" for v in entry["values"])
         return f"{100 * entry['mean']:.1f}{sd} ({values})"
 
+    def plain_number(entry: dict | None) -> str:
+        if entry is None:
+            return ""
+        sd = f" ± {entry['std']:.3f}" if entry["std"] is not None else ""
+        return f"{entry['mean']:.3f}{sd}"
+
     lines = [
         "# Semi-supervised VAT",
         "",
         f"Written by `{data['command']}` on {data['machine'].get('cpu', 'this machine')}. See the module docstring",
         "of `benchmarks/semi_supervised.py` for the set-up; scores in %, mean ± sample sd over seeds (the seeds'",
-        "own scores in brackets); time: wall time per labelled epoch as a ratio to plain's, median over seeds.",
+        "own scores in brackets); test loss: the training loss (cross-entropy; GoEmotions: BCE with its positive",
+        "weights) on the scored test rows, lower is better calibrated; time: wall time per labelled epoch as a ratio",
+        "to plain's, median over seeds (whole runs, not interleaved: see the cost below).",
         "",
-        "| task | labels | condition | seeds | score | second metric | unlabelled rows seen | time vs plain |",
-        "|---|---:|---|---|---|---|---:|---:|",
+        "| task | labels | condition | seeds | score | second metric | test loss | unlabelled rows seen "
+        "| time vs plain |",
+        "|---|---:|---|---|---|---|---:|---:|---:|",
     ]
     for row in data["rows"]:
         metric = {"test_accuracy": "accuracy", "test_micro_f1": "micro-F1 (tuned threshold)"}[row["metric"]]
@@ -285,7 +296,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {row['task']} | {row['labels']} | {row['condition']} | {','.join(map(str, row['seeds']))} | "
             f"{metric} {pct(row['score'])} | {'macro ROC-AUC ' + pct(row['also']) if row['also'] else ''} | "
-            f"{row['unlabeled_rows_seen'] or ''} | {ratio} |"
+            f"{plain_number(row.get('test_loss'))} | {row['unlabeled_rows_seen'] or ''} | {ratio} |"
         )
     if data["missing"]:
         lines += ["", "Not run yet: " + "; ".join(data["missing"]) + "."]
