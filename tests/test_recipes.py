@@ -428,6 +428,7 @@ def test_multilabel_learns_from_unlabelled_text_with_a_sample(tiny_model, data, 
         (["--vat_weight", "1", "--unlabeled_from_unsup", "true"], r"has no unlabelled split .*--unlabeled_file"),
         (["--vat_weight", "1", "--unlabeled_from_test", "true"], r"no test split to take texts from"),
         (["--vat_weight", "1", "--max_unlabeled_samples", "0"], r"--max_unlabeled_samples must be >= 1"),
+        (["--vat_weight", "1", "--max_unlabeled_samples", "5"], r"--max_unlabeled_samples 5 is read only with unlab"),
     ],
 )
 def test_unlabelled_text_is_refused_before_training(tiny_model, data, tmp_path, extra, message):

@@ -208,20 +208,27 @@ def load_unlabeled(
 
 def check_unlabeled_flags(data_args: DataArguments, training_args) -> list[str]:
     """The flags that give unlabelled text (`data_args.unlabeled_sources()`); a `RecipeError` at once when no
-    configured method would learn from them (VAT off), or when `--unlabeled_ratio` is set without any."""
+    configured method would learn from them (VAT off), or when `--unlabeled_ratio` or `--max_unlabeled_samples` is
+    set without any."""
     sources = data_args.unlabeled_sources()
     if sources:
         try:
             training_args.check_unlabeled_data(" and ".join(sources))
         except ValueError as error:
             raise RecipeError(str(error)) from None
-    elif training_args.unlabeled_ratio != 1.0:
-        raise RecipeError(
-            f"--unlabeled_ratio {training_args.unlabeled_ratio:g} is read only with unlabelled text, and none is "
-            "given: add --unlabeled_file or --unlabeled_from_test true"
-            + (" (or --unlabeled_from_unsup true)" if hasattr(data_args, "unlabeled_from_unsup") else "")
-            + "."
-        )
+    else:
+        flags = []
+        if training_args.unlabeled_ratio != 1.0:
+            flags.append(f"--unlabeled_ratio {training_args.unlabeled_ratio:g}")
+        if data_args.max_unlabeled_samples is not None:
+            flags.append(f"--max_unlabeled_samples {data_args.max_unlabeled_samples}")
+        if flags:
+            raise RecipeError(
+                f"{' and '.join(flags)} {'is' if len(flags) == 1 else 'are'} read only with unlabelled text, and none "
+                "is given: add --unlabeled_file or --unlabeled_from_test true"
+                + (" (or --unlabeled_from_unsup true)" if hasattr(data_args, "unlabeled_from_unsup") else "")
+                + "."
+            )
     return sources
 
 
