@@ -37,7 +37,8 @@ class UnlabeledMixDataset(torch.utils.data.Dataset):
     Item `i` is a `MixedExample`: labelled example `i`, then the unlabelled examples at positions
     `floor(i * ratio) ... floor((i + 1) * ratio) - 1` of this epoch's stream of unlabelled rows (so a batch of `B`
     labelled rows carries about `B * ratio` unlabelled ones). The stream concatenates permutations of the unlabelled
-    pool, each drawn from `seed` and its index, so that every unlabelled row is used once before any is used again.
+    pool, each drawn from `seed` and its index, so that the stream uses every unlabelled row once before any again (the
+    labelled rows being shuffled, training meets them in another order).
 
     Args:
         labelled (`Sequence[dict]`): the training examples with their labels (a `datasets.Dataset` or any map-style
@@ -104,6 +105,8 @@ class UnlabeledMixDataset(torch.utils.data.Dataset):
         return permutation
 
     def __getitem__(self, index: int) -> MixedExample:
+        if isinstance(index, str):  # a column, as `datasets.Dataset` gives it: the labelled rows'
+            return self.labelled[index]
         index = int(index)
         labelled = self.labelled[index]
         return MixedExample([labelled, *(self.unlabelled[j] for j in self.unlabelled_indices(index))])
@@ -136,13 +139,30 @@ class UnlabeledMixCollator:
                 f"A labelled training example has none of the label keys {list(LABEL_KEYS)} (its keys: "
                 f"{sorted(labelled[0])}): unlabelled rows are told apart by their -100 labels."
             )
-        template = labelled[0][key]
+        first = labelled[0]
         rows = [dict(labelled_example) for labelled_example in labelled]
         for example in unlabelled:
-            row = {k: v for k, v in example.items() if k not in LABEL_KEYS}
-            row[key] = _missing_like(template)
+            row = {k: _in_form_of(v, first.get(k)) for k, v in example.items() if k not in LABEL_KEYS}
+            row[key] = _missing_like(first[key])
             rows.append(row)
         return self.train_collator(rows)
+
+
+def _in_form_of(value, template):
+    """`value` in the form of `template` (the labelled rows' value for the same key): a tensor, an array or a list,
+    so that the collator stacks or pads one kind of sequence (an unlabelled dataset in torch format beside plain
+    labelled rows, or the other way round)."""
+    if template is None or type(value) is type(template):
+        return value
+    if isinstance(template, torch.Tensor):
+        return torch.as_tensor(value, dtype=template.dtype)
+    if hasattr(template, "shape") and hasattr(template, "dtype"):  # numpy
+        import numpy as np
+
+        return np.asarray(value, dtype=template.dtype)
+    if hasattr(value, "shape") and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
 
 
 def _missing_like(label):

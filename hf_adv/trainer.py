@@ -40,7 +40,7 @@ from .embedding import EmbeddingTap, decoder_lookups, find_input_embedding, look
 from .losses import unlabelled_rows
 from .methods import AdversarialMethod, Regularizer
 from .robustness import adversarial_accuracy
-from .semi_supervised import UnlabeledMixCollator, UnlabeledMixDataset
+from .semi_supervised import LABEL_KEYS, UnlabeledMixCollator, UnlabeledMixDataset
 from .step import TrainingStep, select_rows
 
 logger = logging.get_logger(__name__)
@@ -185,13 +185,15 @@ class _UnlabeledEpoch(TrainerCallback):
     DataLoader workers), so the unlabelled rows it draws are the epoch's. Accelerate's own epoch count cannot be
     used: it reaches the dataset only when the sampler has no `set_epoch` (not under DDP), and restarts at 0 in the
     loader that skips a resumed epoch's first batches. After a resume mid-epoch, the epoch is the checkpoint's
-    (`state.epoch`, e.g. 1.5 -> 1), as is the rest of its data order."""
+    (`state.epoch`, e.g. 1.5 -> 1), as is the rest of its data order. `dataset` is the one of the latest training
+    DataLoader (`get_train_dataloader` sets it)."""
 
-    def __init__(self, dataset: UnlabeledMixDataset):
-        self.dataset = dataset
+    def __init__(self):
+        self.dataset: UnlabeledMixDataset | None = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.begin_epoch(int(state.epoch or 0))
+        if self.dataset is not None:
+            self.dataset.begin_epoch(int(state.epoch or 0))
 
 
 class AdversarialMixin:
@@ -208,8 +210,9 @@ class AdversarialMixin:
     A batch row whose labels are all -100 is unlabelled: it gets no supervised pass (clean or adversarial), only the
     VAT term (semi-supervised VAT). `unlabeled_dataset=` (examples with the model inputs of `train_dataset`; any
     label is ignored) mixes `args.unlabeled_ratio` unlabelled rows per labelled row into every training batch
-    (`hf_adv.semi_supervised`); epochs and `max_steps` still count labelled rows, and the logs add the rows seen,
-    `labeled_rows` and `unlabeled_rows` (totals over processes since the last log).
+    (`hf_adv.semi_supervised`) in the training DataLoader only (`train_dataset` stays the labelled rows); epochs and
+    `max_steps` still count labelled rows, and the logs add the rows seen, `labeled_rows` and `unlabeled_rows`
+    (totals over processes since the last log).
 
     Logged with the training loss, to every `report_to` integration: `clean_loss`, `adv_loss`, `vat_loss` (means
     over the micro-batches since the last log), `adv_perturbation_norm`, and `adv_skipped` / `vat_skipped` (attacks
@@ -252,7 +255,9 @@ class AdversarialMixin:
         super().__init__(model, args, *a, **kw)
         self.unlabeled_dataset = unlabeled_dataset
         if unlabeled_dataset is not None:
-            self._mix_unlabeled(unlabeled_dataset)
+            self._check_unlabeled(self.train_dataset, unlabeled_dataset)
+            self._unlabeled_epoch = _UnlabeledEpoch()
+            self.add_callback(self._unlabeled_epoch)
         # Models whose forward takes **kwargs are given `num_items_in_batch` and trusted to divide by it, which
         # sequence-classification heads do not do: gradient accumulation would then sum instead of average. Only
         # models whose own loss does divide by it (language models, token classification) keep it.
@@ -418,30 +423,36 @@ class AdversarialMixin:
                 self._metric_names += [m for m in method.metrics if m not in self._metric_names]
                 self._summed_metrics.update(method.summed_metrics)
 
-    def _mix_unlabeled(self, unlabeled_dataset) -> None:
-        """Make every training batch carry `unlabeled_ratio` unlabelled rows per labelled row (see
-        `hf_adv.semi_supervised`): `train_dataset` becomes an `UnlabeledMixDataset` and the collator an
-        `UnlabeledMixCollator`, which evaluation batches go through unchanged."""
+    def _check_unlabeled(self, train, unlabeled_dataset) -> None:
+        """Refuse, with the fix, what semi-supervised training cannot mix: see `_mixed_training_set`."""
         args = self.args
-        train = self.train_dataset
         if train is None or isinstance(train, torch.utils.data.IterableDataset) or not hasattr(train, "__len__"):
             raise ValueError(
                 "unlabeled_dataset needs a train_dataset with a length (a datasets.Dataset or a map-style torch "
                 f"Dataset), got {type(train).__name__}: each labelled row brings its share of unlabelled rows."
             )
-        if isinstance(unlabeled_dataset, dict):  # a DatasetDict, or a dict of columns
+        if isinstance(train, UnlabeledMixDataset):
+            raise ValueError("train_dataset is already mixed with unlabelled rows: pass the labelled dataset itself.")
+        kind = type(unlabeled_dataset)
+        if kind.__module__.startswith("pandas"):
             raise ValueError(
-                f"unlabeled_dataset is a {type(unlabeled_dataset).__name__} (its keys: "
-                f"{list(unlabeled_dataset)[:5]}): pass one dataset of examples, e.g. dataset['train'] of a "
-                "DatasetDict, or Dataset.from_dict(columns)."
+                f"unlabeled_dataset is a pandas {kind.__name__}: make it a dataset of tokenized examples, e.g. "
+                "datasets.Dataset.from_pandas(frame).map(tokenize, batched=True)."
+            )
+        if isinstance(unlabeled_dataset, Mapping):  # a DatasetDict, a dict of columns, a tokenizer's BatchEncoding
+            raise ValueError(
+                f"unlabeled_dataset is a {kind.__name__} (its keys: {list(unlabeled_dataset)[:5]}), not a dataset of "
+                "examples: pass dataset['train'] of a DatasetDict, or datasets.Dataset.from_dict(dict(columns)) for "
+                "columns (a tokenizer's output among them)."
             )
         if isinstance(unlabeled_dataset, torch.utils.data.IterableDataset) or not hasattr(
             unlabeled_dataset, "__len__"
         ):
             raise ValueError(
                 f"unlabeled_dataset must be a datasets.Dataset or a map-style dataset with a length, got "
-                f"{type(unlabeled_dataset).__name__}."
+                f"{kind.__name__}."
             )
+        UnlabeledMixDataset(train, unlabeled_dataset, args.unlabeled_ratio)  # its own checks: ratio, empty datasets
         if len(unlabeled_dataset) and len(train):
             example, labelled = unlabeled_dataset[0], train[0]
             if not isinstance(example, Mapping):
@@ -449,12 +460,19 @@ class AdversarialMixin:
                     f"unlabeled_dataset's examples must be dicts of model inputs, as train_dataset's are; its first "
                     f"is a {type(example).__name__}. Tokenize the texts first (dataset.map(tokenize, batched=True))."
                 )
-            inputs = [k for k in ("input_ids", "inputs_embeds") if isinstance(labelled, Mapping) and k in labelled]
-            missing = [k for k in inputs if k not in example]
+            if isinstance(labelled, Mapping) and not any(k in labelled for k in LABEL_KEYS):
+                names = getattr(self, "label_names", None)
+                raise ValueError(
+                    f"train_dataset's examples have no label column among {list(LABEL_KEYS)} (their keys: "
+                    f"{sorted(labelled)}; label_names={names}): semi-supervised training marks an unlabelled row by "
+                    "-100 in that one column. Rename the label column to 'labels'."
+                )
+            missing = [k for k in self._model_input_keys(labelled) if k not in example]
             if missing:
                 raise ValueError(
-                    f"unlabeled_dataset has no {missing[0]!r} (its columns: {sorted(example)}), which train_dataset "
-                    "has: tokenize it the same way (dataset.map(tokenize, batched=True))."
+                    f"unlabeled_dataset has no {missing} (its columns: {sorted(example)}), which train_dataset's "
+                    "examples give the model: tokenize it the same way (dataset.map(tokenize, batched=True)), or "
+                    "add the columns."
                 )
             if math.floor(len(train) * args.unlabeled_ratio) == 0:
                 raise ValueError(
@@ -466,8 +484,49 @@ class AdversarialMixin:
                 "group_by_length=True sorts the training rows by length, which the batches mixed with unlabelled "
                 "rows cannot follow: set group_by_length=False with unlabeled_dataset."
             )
-        if isinstance(train, UnlabeledMixDataset):
-            raise ValueError("train_dataset is already mixed with unlabelled rows: pass the labelled dataset itself.")
+
+    def _model_input_keys(self, example) -> list[str]:
+        """The keys of a labelled example that reach the collator and the model, labels aside: those the model's
+        forward takes when `remove_unused_columns` (the parent drops the others), else all."""
+        if not isinstance(example, Mapping):
+            return []
+        keys = [k for k in example if k not in LABEL_KEYS]
+        if self.args.remove_unused_columns:
+            self._set_signature_columns_if_needed()
+            keys = [k for k in keys if k in self._signature_columns]
+        return keys
+
+    @property
+    def unlabeled_mix(self) -> UnlabeledMixDataset | None:
+        """The `UnlabeledMixDataset` of the latest training DataLoader (`unlabelled_indices(i, epoch)` says which
+        unlabelled rows labelled row `i` brings); None without unlabelled data or before `train()`."""
+        epoch = getattr(self, "_unlabeled_epoch", None)
+        return epoch.dataset if epoch is not None else None
+
+    def get_train_dataloader(self, *args, **kwargs):
+        """The parent's; with `unlabeled_dataset`, over an `UnlabeledMixDataset` of the current `train_dataset` (see
+        `hf_adv.semi_supervised`): each labelled row brings its share of unlabelled rows, labelled -100 by an
+        `UnlabeledMixCollator` around the collator. `train_dataset` and `data_collator` stay the user's, so
+        `evaluate(trainer.train_dataset)` scores the labelled rows alone."""
+        if self.unlabeled_dataset is None:
+            return super().get_train_dataloader(*args, **kwargs)
+        labelled, collator = self.train_dataset, self.data_collator
+        mixed = self._mixed_training_set(labelled)
+        self._unlabeled_epoch.dataset = mixed
+        self.train_dataset = mixed
+        self.data_collator = UnlabeledMixCollator(
+            collator, self._get_collator_with_removed_columns(collator, description="training")
+        )
+        try:
+            return super().get_train_dataloader(*args, **kwargs)
+        finally:
+            self.train_dataset, self.data_collator = labelled, collator
+
+    def _mixed_training_set(self, train) -> UnlabeledMixDataset:
+        """`train` with `unlabeled_ratio` unlabelled rows per labelled row (`hf_adv.semi_supervised`), the columns
+        the model does not take removed from both as the parent removes them."""
+        args, unlabeled_dataset = self.args, self.unlabeled_dataset
+        self._check_unlabeled(train, unlabeled_dataset)
         try:
             import datasets
         except ImportError:  # pragma: no cover - datasets is a dependency of the recipes, not of the trainer
@@ -478,15 +537,12 @@ class AdversarialMixin:
                 train = self._remove_unused_columns(train, description="training")
             if isinstance(unlabeled_dataset, datasets.Dataset):
                 unlabeled_dataset = self._remove_unused_columns(unlabeled_dataset, description="training")
-        self.train_dataset = UnlabeledMixDataset(
+        return UnlabeledMixDataset(
             train,
             unlabeled_dataset,
             args.unlabeled_ratio,
             seed=args.data_seed if args.data_seed is not None else args.seed,
         )
-        self.add_callback(_UnlabeledEpoch(self.train_dataset))
-        train_collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
-        self.data_collator = UnlabeledMixCollator(self.data_collator, train_collator)
 
     @property
     def vat(self):

@@ -448,7 +448,7 @@ class Spy(AdversarialTrainer):
         rows = [int(ids[r, 1]) - 10 for r in range(len(labels)) if labels[r] != -100]
         drawn = sorted(int(ids[r, 1]) - 40 for r in range(len(labels)) if labels[r] == -100)
         epoch = int(self.state.epoch)
-        expected = sorted(j for i in rows for j in self.train_dataset.unlabelled_indices(i, epoch))
+        expected = sorted(j for i in rows for j in self.unlabeled_mix.unlabelled_indices(i, epoch))
         assert drawn == expected, (epoch, rows, drawn, expected)
         seen.append((epoch, tuple(drawn)))
         return super().training_step(model, inputs, *a, **k)

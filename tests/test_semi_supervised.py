@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close_dicts, grads, make_batch, make_dataset, make_trainer, tiny_model, training_args
 from datasets import Dataset, DatasetDict
-from transformers import TrainingArguments
+from transformers import BatchEncoding, TrainingArguments
 
 from hf_adv import AdversarialTrainer
 from hf_adv.semi_supervised import MixedExample, UnlabeledMixCollator, UnlabeledMixDataset
@@ -214,7 +214,7 @@ def test_training_counts_labelled_epochs_and_logs_the_rows_seen(tmp_path):
     assert [entry["unlabeled_rows"] for entry in steps] == [12] * 4
     assert all(entry["vat_loss"] > 0 for entry in steps)
     counts = collections.Counter()
-    mixed = trainer.train_dataset
+    mixed = trainer.unlabeled_mix
     for epoch in range(2):
         for i in range(len(mixed)):
             counts.update(mixed.unlabelled_indices(i, epoch))
@@ -229,12 +229,23 @@ def test_training_counts_labelled_epochs_and_logs_the_rows_seen(tmp_path):
         ({"vat_weight": 1.0, "unlabeled_ratio": 2.0}, None, r"unlabeled_ratio=2.0 is read only with unlabelled"),
         ({"vat_weight": 1.0}, lambda: unlabelled().select([]), "unlabeled_dataset is empty"),
         ({"vat_weight": 1.0}, lambda: DatasetDict(train=unlabelled()), r"is a DatasetDict \(its keys: \['train'\]\)"),
-        ({"vat_weight": 1.0}, lambda: unlabelled().to_dict(), r"is a dict .*Dataset\.from_dict\(columns\)"),
+        ({"vat_weight": 1.0}, lambda: unlabelled().to_dict(), r"is a dict .*Dataset\.from_dict\(dict\(columns\)\)"),
         ({"vat_weight": 1.0}, lambda: ["some text", "more"], r"examples must be dicts .* its first is a str"),
         (
             {"vat_weight": 1.0},
             lambda: Dataset.from_dict({"text": ["a b", "c"]}),
-            r"has no 'input_ids' \(its columns: \['text'\]\).*tokenize it",
+            r"has no \['input_ids', 'attention_mask'\] \(its columns: \['text'\]\).*tokenize it",
+        ),
+        (
+            {"vat_weight": 1.0},
+            lambda: unlabelled().remove_columns("attention_mask"),
+            r"has no \['attention_mask'\] .*which train_dataset's examples give the model",
+        ),
+        ({"vat_weight": 1.0}, lambda: unlabelled().to_pandas(), r"is a pandas DataFrame: .*Dataset\.from_pandas"),
+        (
+            {"vat_weight": 1.0},
+            lambda: BatchEncoding(unlabelled().to_dict()),
+            r"is a BatchEncoding .*Dataset\.from_dict\(dict\(columns\)\)",
         ),
         (
             {"vat_weight": 1.0, "unlabeled_ratio": 0.01},
@@ -253,6 +264,19 @@ def test_refused_at_construction(tmp_path, overrides, dataset, message):
     with pytest.raises(ValueError, match=message):
         AdversarialTrainer(
             model=tiny_model(), args=training_args(tmp_path, **overrides), train_dataset=make_dataset(), **extra
+        )
+
+
+def test_labels_outside_the_labels_column_are_refused_at_construction(tmp_path):
+    """Unlabelled rows are marked by -100 in `labels` (or `label`, `label_ids`): a label column of another name
+    (`label_names=["y"]` and a `compute_loss` that reads it, or a QA model's `start_positions`) is refused at once."""
+    args = training_args(tmp_path, vat_weight=1.0, label_names=["y"])
+    with pytest.raises(ValueError, match=r"no label column among .*label_names=\['y'\]\).*Rename the label column"):
+        AdversarialTrainer(
+            model=tiny_model(),
+            args=args,
+            train_dataset=make_dataset().rename_column("labels", "y"),
+            unlabeled_dataset=unlabelled(),
         )
 
 
@@ -289,11 +313,11 @@ def test_dataloader_workers_draw_each_epochs_own_unlabelled_rows(tmp_path):
     seen = []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        trainer.train_dataset.begin_epoch(epoch)  # as the trainer's callback does
+        trainer.unlabeled_mix.begin_epoch(epoch)  # as the trainer's callback does
         (batch,) = list(loader)
         seen.append(sorted(map(tuple, batch["input_ids"][batch["labels"] == -100].tolist())))
     expected = [
-        sorted(tuple(pool[j]["input_ids"]) for i in range(4) for j in trainer.train_dataset.unlabelled_indices(i, e))
+        sorted(tuple(pool[j]["input_ids"]) for i in range(4) for j in trainer.unlabeled_mix.unlabelled_indices(i, e))
         for e in range(2)
     ]
     assert seen == expected and seen[0] != seen[1]
@@ -334,3 +358,34 @@ def test_resuming_mid_epoch_draws_that_epochs_unlabelled_rows(tmp_path):
     run("cut", max_steps=3)  # stops in epoch 1, after a checkpoint at step 3 (epoch 1.5)
     resumed = run("cut", resume=str(tmp_path / "cut" / "out" / "checkpoint-3"))
     assert resumed == {step: rows for step, rows in full.items() if step >= 3}
+
+
+def test_train_dataset_stays_the_labelled_rows(tmp_path):
+    """`trainer.train_dataset` is the user's labelled dataset, mixed only in the training DataLoader: evaluating or
+    predicting on it scores the labelled rows alone, and a training set assigned after construction is the one
+    mixed."""
+    labelled, other = make_dataset(8), make_dataset(12, seed=7)
+    trainer = make_trainer(
+        tmp_path, dataset=labelled, vat_weight=1.0, unlabeled_ratio=2.0, unlabeled_dataset=unlabelled(5)
+    )
+    assert trainer.train_dataset is labelled and trainer.unlabeled_mix is None
+    assert len(trainer.predict(trainer.train_dataset).predictions) == 8
+    assert trainer.evaluate(trainer.train_dataset)["eval_loss"] == trainer.evaluate(labelled)["eval_loss"]
+    trainer.train_dataset = other
+    metrics = trainer.train().metrics
+    assert metrics["train_labeled_rows"] == 3 * 12 and metrics["train_unlabeled_rows"] == 3 * 24  # 3 epochs
+    assert trainer.train_dataset is other and trainer.unlabeled_mix.labelled["labels"] == other["labels"]
+    assert trainer.unlabeled_mix["labels"] == other["labels"]  # column access reads the labelled rows
+
+
+@pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy.ndarrays")  # the collator's, on numpy
+@pytest.mark.parametrize("labelled_format, unlabelled_format", [(None, "torch"), ("torch", None), ("numpy", "torch")])
+def test_datasets_in_other_formats_mix(tmp_path, labelled_format, unlabelled_format):
+    """An unlabelled dataset in torch format beside plain labelled rows (and the other way round) trains."""
+    trainer = make_trainer(
+        tmp_path,
+        dataset=make_dataset(8).with_format(labelled_format),
+        vat_weight=1.0,
+        unlabeled_dataset=unlabelled(5).with_format(unlabelled_format),
+    )
+    assert trainer.train().metrics["train_unlabeled_rows"] == 3 * 8
