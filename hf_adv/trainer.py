@@ -255,7 +255,7 @@ class AdversarialMixin:
         super().__init__(model, args, *a, **kw)
         self.unlabeled_dataset = unlabeled_dataset
         if unlabeled_dataset is not None:
-            self._check_unlabeled(self.train_dataset, unlabeled_dataset)
+            self._mixed_training_set(self.train_dataset)  # what the training DataLoader could not mix, refused now
             self._unlabeled_epoch = _UnlabeledEpoch()
             self.add_callback(self._unlabeled_epoch)
         # Models whose forward takes **kwargs are given `num_items_in_batch` and trusted to divide by it, which

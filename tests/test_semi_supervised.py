@@ -242,6 +242,13 @@ def test_training_counts_labelled_epochs_and_logs_the_rows_seen(tmp_path):
             r"has no \['attention_mask'\] .*which train_dataset's examples give the model",
         ),
         ({"vat_weight": 1.0}, lambda: unlabelled().to_pandas(), r"is a pandas DataFrame: .*Dataset\.from_pandas"),
+        (  # tokenized lazily: the parent's column removal leaves nothing (remove_unused_columns=False is the fix)
+            {"vat_weight": 1.0},
+            lambda: Dataset.from_dict({"n": [5, 6]}).with_transform(
+                lambda b: {"input_ids": [[2, n, 3] for n in b["n"]], "attention_mask": [[1, 1, 1] for _ in b["n"]]}
+            ),
+            r"No columns in the dataset match the model's forward",
+        ),
         (
             {"vat_weight": 1.0},
             lambda: BatchEncoding(unlabelled().to_dict()),
