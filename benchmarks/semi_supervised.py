@@ -24,7 +24,8 @@ command that trained it) is not trained again, and is refused if this invocation
 
     python -m benchmarks.semi_supervised --tasks imdb --labels 200 --seeds 0,1,2            # the issue's grid
     python -m benchmarks.semi_supervised --tasks imdb --labels 200,1000,2000 --conditions plain,vat_unlabeled
-    python -m benchmarks.semi_supervised --no-train                                          # publish what ran
+    python -m benchmarks.semi_supervised --tasks goemotions --seeds 0,1,2                    # 1,000 labels
+    python -m benchmarks.semi_supervised --no-train --tasks imdb,goemotions                  # publish what ran
     python -m benchmarks.semi_supervised --no-train --cost-rounds 7          # and measure the cost of an epoch
 
 The table (mean and sample standard deviation over seeds) goes to `docs/benchmarks/semi_supervised.json` and `.md`.
@@ -317,7 +318,12 @@ def markdown(data: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="imdb", help="comma-separated: imdb, goemotions")
-    parser.add_argument("--labels", default=None, help="comma-separated numbers of labelled rows (imdb 200, ge 1000)")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="numbers of labelled rows, comma-separated (imdb 200, goemotions 1000), or per task: "
+        "'imdb=200,1000;goemotions=1000'; with --no-train, default: every size trained under --runs-dir",
+    )
     parser.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated: {', '.join(CONDITIONS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--unlabeled", type=int, default=None, help="unlabelled pool (imdb 5000, goemotions 10000)")
@@ -339,6 +345,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def label_sizes(value: str | None, task: str, default: int, trained_under: Path | None) -> list[int]:
+    """The numbers of labelled rows of `task` that `--labels` names: 'N,M' for every task, or 'task=N,M;task=...'
+    (a task it does not name gets its default). Without `--labels`, `[default]`, or with `trained_under` (--no-train)
+    every size trained there."""
+    if not value:
+        if trained_under is None:
+            return [default]
+        folders = (p.name.removeprefix("labels") for p in trained_under.glob(f"{task}/labels*"))
+        return sorted(int(n) for n in folders if n.isdigit()) or [default]
+    if "=" not in value:
+        parts = {task: value}
+    else:
+        parts = {}
+        for item in filter(None, (v.strip() for v in value.split(";"))):
+            name, _, sizes = item.partition("=")
+            if name.strip() not in TASKS or not sizes.strip():
+                raise SystemExit(f"--labels: {item!r} is not 'task=N,M' with a task among {list(TASKS)}")
+            parts[name.strip()] = sizes
+    if task not in parts:
+        return [default]
+    try:
+        return [int(n) for n in parts[task].split(",") if n.strip()]
+    except ValueError:
+        raise SystemExit(f"--labels: {parts[task]!r} is not a comma-separated list of numbers") from None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -352,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task in tasks:
         task_args = argparse.Namespace(**vars(args))
         default_labels, default_pool = (200, 5000) if task == "imdb" else (1000, 10000)
-        task_args.labels = [int(n) for n in args.labels.split(",")] if args.labels else [default_labels]
+        task_args.labels = label_sizes(args.labels, task, default_labels, args.runs_dir if args.no_train else None)
         task_args.unlabeled = args.unlabeled or default_pool
         for labels in task_args.labels:
             for seed in seeds:

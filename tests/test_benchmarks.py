@@ -213,6 +213,15 @@ def test_semi_supervised_trains_every_condition_and_resumes(tiny_model, data, tm
     cost = again["cost"]
     assert cost["rows"] == {"plain": 16, "vat": 16, "vat_unlabeled": 48} and cost["ratio_to_plain"]["vat"]["n"] == 1
     assert "Cost of a labelled epoch" in (tmp_path / "docs" / "benchmarks" / "semi_supervised.md").read_text()
+    # Without --labels, publishing finds every size trained, per task; the per-task form names them likewise.
+    everything = semi_supervised.main([*common, "--tasks", "imdb,goemotions", "--conditions", "plain", "--no-train"])
+    assert [(r["task"], r["labels"]) for r in everything["runs"]] == [("imdb", 4), ("imdb", 8)]
+    assert everything["missing"] == ["goemotions 4 plain seed 0"]
+    per_task = [*common, "--tasks", "imdb,goemotions", "--conditions", "vat_test", "--no-train"]
+    named = semi_supervised.main([*per_task, "--labels", "imdb=4;goemotions=4"])
+    assert [(r["task"], r["labels"]) for r in named["runs"]] == [("imdb", 4), ("goemotions", 4)]
+    with pytest.raises(SystemExit, match="task=N,M"):
+        semi_supervised.main([*per_task, "--labels", "imbd=4"])
     changed = [*common[:-2], "--recipe-args", "--learning_rate 1e-3", "--tasks", "imdb", "--labels", "4"]
     with pytest.raises(SystemExit, match="trained with other settings"):
         semi_supervised.main(changed)
