@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:  # `pytest` without `python -m` does not put the r
 
 from test_recipes import data, tiny_model  # noqa: E402, F401  (module fixtures: a tiny BERT folder, a few rows)
 
-from benchmarks import end_to_end, quality, report, semi_supervised, step_cost  # noqa: E402
+from benchmarks import end_to_end, fraction_gradients, quality, report, semi_supervised, step_cost  # noqa: E402
 from benchmarks.common import METHODS, same_checkout_paths  # noqa: E402
 
 # One thread: on a shared 2-core machine OpenMP barriers between busy cores make tiny ops take milliseconds.
@@ -249,3 +249,20 @@ def test_distillation_configs_name_their_teacher_run(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "config_settings", lambda name: settings)
     with pytest.raises(SystemExit, match="names no config of the grid"):
         quality.teacher_method("anything")
+
+
+def test_fraction_gradients_measures_each_draw(tiny_model, data, tmp_path):  # noqa: F811
+    root = quality_data(data, tmp_path / "data")
+    result = fraction_gradients.main(
+        [
+            *("--model", tiny_model, "--data-dir", str(root), "--output-dir", str(tmp_path / "docs")),
+            *("--batches", "1", "--batch-size", "4", "--fraction", "0.5", "--draws", "2", "--max-length", "16"),
+        ]
+    )
+    assert result["rows"] == {"all": 4, "fraction": 2}
+    norms, cosines = result["gradient_norm"], result["cosine_with_clean"]
+    assert len(norms["clean"]["values"]) == 1 and len(norms["adversarial_fraction"]["values"]) == 2
+    assert all(v > 0 for entry in norms.values() for v in entry["values"])
+    assert all(-1 <= v <= 1 for entry in cosines.values() for v in entry["values"])
+    saved = json.loads((tmp_path / "docs" / "benchmarks" / "fraction_gradients.json").read_text())
+    assert saved["command"].startswith("python -m benchmarks.fraction_gradients --model")
