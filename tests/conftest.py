@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,19 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
 
 VOCAB = 99
+
+
+def leave_process_group() -> None:
+    """The end of a test's DDP worker script: both ranks leave together, the process group is torn down, and the
+    interpreter's own teardown is skipped. A gloo thread still alive at interpreter exit aborts the process
+    ("terminate called without an active exception", SIGABRT, exit code -6): seen in CI after every check of the
+    script had passed, even with `destroy_process_group`. Output is flushed first; a failure before this call still
+    exits non-zero with its traceback."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def tiny_config(**overrides) -> BertConfig:

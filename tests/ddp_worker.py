@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The tests' tiny BERT; this script's folder (tests/) is first on sys.path when it runs.
 import reference  # noqa: E402
-from conftest import VOCAB, tiny_model  # noqa: E402
+from conftest import VOCAB, leave_process_group, tiny_model  # noqa: E402
 
 import hf_adv.methods.awp as awp_module  # noqa: E402
 import hf_adv.methods.fgm as fgm_module  # noqa: E402
@@ -364,7 +364,7 @@ def main() -> None:
                 status = "failed" if any("error" in r for r in per_rank) else "done"
                 print(f"[ddp_worker] {name}: {status}", flush=True)
     if distributed:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -374,7 +374,7 @@ import sys
 import torch
 from torch import nn
 sys.path.insert(0, {tests!r})
-from conftest import tiny_model
+from conftest import leave_process_group, tiny_model
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
 
 def train(unused, layerdrop=0.0, **flags):
@@ -397,10 +397,7 @@ if sys.argv[1] == "default":
 else:
     train(unused=True, ddp_find_unused_parameters=True)
     train(unused=True, layerdrop=0.1)
-    # Both ranks leave together, the process group torn down: otherwise a gloo thread can still be running at
-    # interpreter exit ("terminate called without an active exception", SIGABRT), seen once in CI.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 """
 
 
@@ -433,7 +430,7 @@ UNLABELLED_SCRIPT = """
 import sys
 import torch
 sys.path.insert(0, {tests!r})
-from conftest import tiny_model
+from conftest import leave_process_group, tiny_model
 from datasets import Dataset
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
 
@@ -463,8 +460,7 @@ epochs = {{e: sorted(j for ep, drawn in seen if ep == e for j in drawn) for e in
 assert epochs[0] != epochs[1] != epochs[2], epochs
 assert metrics["train_labeled_rows"] == 24 and metrics["train_unlabeled_rows"] == 48, metrics
 print(f"checked {{len(seen)}} steps", flush=True)  # one write: the ranks share stdout
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+leave_process_group()
 """
 
 
