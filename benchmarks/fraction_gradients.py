@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from hf_adv.methods.fgm import example_directions
+
 from .common import DOCS, MINILM, ROOT, command_line, load_model, machine_info, resolve_model_path, write_json
 
 DATA = ROOT.parent / "shared" / "data"
@@ -66,11 +68,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         output = embeddings(enc.input_ids).detach().requires_grad_(True)
         clean = F.cross_entropy(model(inputs_embeds=output, attention_mask=enc.attention_mask).logits, labels)
         clean_grad = flat_gradient(clean, params + [output])
-        direction = clean_grad[-output.numel() :].view_as(output) * enc.attention_mask[..., None]
+        gradient = clean_grad[-output.numel() :].view_as(output)
         clean_grad = clean_grad[: -output.numel()]
-        norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
-        delta = args.epsilon * direction / norms[:, None, None]
-
+        (direction,), _ = example_directions([gradient], [enc.attention_mask])  # FGM's own, as in training
+        delta = args.epsilon * direction
         perturbed = output.detach() + delta
 
         def adversarial(index: torch.Tensor, perturbed=perturbed, mask=enc.attention_mask, labels=labels):
