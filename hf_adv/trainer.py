@@ -54,6 +54,17 @@ _REENTRANT_BY_DEFAULT = _TRANSFORMERS_VERSION < (5,)
 _PARENT_SUMS_MICRO_BATCHES = _TRANSFORMERS_VERSION < (4, 48)
 
 
+def _saved_weights_context(adversary, regularizers) -> contextlib.AbstractContextManager:
+    """A perturbation that moves the weights in place (AWP) beside a regularizer that back-propagates through the
+    clean pass's graph after it (R-Drop): that graph saved the weights before they moved, so autograd would refuse the
+    backward ("modified by an inplace operation"). Under `allow_mutation_on_saved_tensors` a saved tensor is cloned
+    when it is written, so the clean graph keeps the weights it was computed with (AWP restores them bit for bit
+    anyway); it costs a copy of the moved weights that the clean graph saved, and nothing otherwise."""
+    if adversary is not None and adversary.moves_weights and any(r.needs_clean_graph for r in regularizers):
+        return torch.autograd.graph.allow_mutation_on_saved_tensors()
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _sync_in_backward(model: DistributedDataParallel, loss: torch.Tensor):
     """Make the backward of `loss` all-reduce the gradients although its forward ran under `no_sync`.
@@ -592,7 +603,12 @@ class AdversarialMixin:
         components = [c for c in (adversary, *regularizers) if c is not None]
         tap_context = self.tap.attached() if self.tap is not None else contextlib.nullcontext()
         method_context = adversary.capture() if adversary is not None else contextlib.nullcontext()
-        with self.accelerator.no_sync(model), tap_context, method_context:
+        with (
+            self.accelerator.no_sync(model),
+            tap_context,
+            method_context,
+            _saved_weights_context(adversary, regularizers),
+        ):
             # 1. The clean pass (held, to be back-propagated with the next term unless a method needs its gradient).
             if step.labelled is not None and (adversary is None or adversary.trains_clean_pass):
                 self._clean_pass(step, retain=any(r.needs_clean_graph for r in regularizers))

@@ -261,6 +261,33 @@ def rdrop(model, batch, weight):
     (first.loss + second.loss + weight * kl).backward()
 
 
+def awp_rdrop(model, batch, lr, eps, weight):
+    """AWP with R-Drop: the clean pass's graph is kept while AWP moves the weights (out of place here, so the graph
+    keeps the weights it was computed with), then R-Drop's second pass differentiates through both passes."""
+    model.zero_grad()
+    first = model(**batch)
+    first.loss.backward(retain_graph=True)
+    backup = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None and p.dim() >= 2:
+            backup[n] = p.data
+            gn = torch.norm(p.grad)
+            if gn != 0 and not torch.isnan(gn):
+                moved = p.data + lr * p.grad / gn * torch.norm(p.data)
+                p.data = torch.min(torch.max(moved, p.data - eps * p.data.abs()), p.data + eps * p.data.abs())
+    _loss(model, batch).backward()
+    for n, p in model.named_parameters():
+        if n in backup:
+            p.data = backup[n]
+    second = model(**batch)
+    p, q = first.logits, second.logits
+    kl = 0.5 * (
+        F.kl_div(F.log_softmax(q, -1), F.softmax(p, -1), reduction="batchmean")
+        + F.kl_div(F.log_softmax(p, -1), F.softmax(q, -1), reduction="batchmean")
+    )
+    (second.loss + weight * kl).backward()
+
+
 def vat(model, batch, weight, epsilon=1.0, xi=10.0, iterations=1):
     """Clean loss + weight * LDS, with the random start of the `deterministic_vat_noise` fixture."""
     hidden = model.get_input_embeddings().weight.shape[1]

@@ -15,11 +15,12 @@ class RDrop(Regularizer):
     predictions of the two passes: weight * (D(p1 || p2) + D(p2 || p1)) / 2, differentiated through both passes.
 
     D is the softmax KL for single-label classification (and per-token predictions, averaged over real tokens), the
-    sum of per-label Bernoulli KLs for multi-label, the squared error for regression (as VAT chooses it). As in the
-    paper (eq. 3: L = NLL(p1) + NLL(p2) + alpha * KL_sym), the second pass's supervised loss (the user's loss code, on
-    the micro-batch-mean scale) is added too, so a step trains on both passes' losses. The first pass is the trainer's
-    clean pass, so R-Drop costs one more forward+backward; its graph is kept until R-Drop's backward (one backward for
-    both when no perturbation needs the clean gradient first).
+    per-label Bernoulli KL averaged over the labels for multi-label (as the BCE averages), the squared error for
+    regression (as VAT chooses it). As in the paper (eq. 3: L = NLL(p1) + NLL(p2) + alpha * KL_sym), the second
+    pass's supervised loss (the user's loss code, on the micro-batch-mean scale) is added too, so a step trains on
+    both passes' losses. The first pass is the trainer's clean pass, so R-Drop costs one more forward+backward; its
+    graph is kept until R-Drop's backward (one backward for both when no perturbation needs the clean gradient
+    first). With AWP, which moves the weights in between, the kept graph holds a copy of the weights it saved.
 
     Without dropout in the model (`model.eval()`-like configs, dropout 0) both passes agree and only the second
     supervised loss remains.

@@ -24,8 +24,9 @@ class VAT(Regularizer):
     to `xi` per example; the gradient of D(p(x) || p(x + d)) with respect to d (and only d: `torch.autograd.grad`,
     no parameter gradient) becomes the next d; after `iterations` rounds r_adv = epsilon * d / ||d|| per example. D
     is chosen by `divergence`: the softmax KL (`kl`, single-label classification, multiple choice, token
-    classification and language models), the sum of per-label Bernoulli KLs (`bernoulli`, multi-label), or the
-    squared error between predictions (`mse`, regression); per-token predictions are averaged over real tokens only.
+    classification and language models), the per-label Bernoulli KL averaged over the labels (`bernoulli`,
+    multi-label), or the squared error between predictions (`mse`, regression); per-token predictions are averaged
+    over real tokens only.
     LDS needs no labels, so unlabelled examples contribute to it.
 
     In the trainer (`vat_weight > 0`) the term is `vat_weight * LDS`; the clean predictions are those of the clean
