@@ -5,10 +5,11 @@ The adversarial method is a flag (`--adv_method none|fgm|fgsm|pgd|awp`, `--vat_w
 
 - nothing: `stanfordnlp/imdb` from the Hub (the default `--dataset_name`; needs Hub access);
 - local files: `--train_file` (and optionally `--validation_file`, `--test_file`) in CSV, TSV, JSON Lines or
-  Parquet, gzipped or not. The text column is found among `text`, `review`, `sentence` and the label column among
-  `label`, `sentiment`, `labels` (or set `--text_column_name`/`--label_column_name`); labels are ids (0, 1) or
-  names (`negative`/`positive`, `neg`/`pos`, or your own `--class_names`). The Kaggle "IMDB Dataset of 50K Movie
-  Reviews" CSV (`review,sentiment` columns) loads with `--train_file` alone;
+  Parquet, gzipped or not. The text column is found among `text`, `review`, `sentence`, `comment_text` and the
+  label column among `label`, `labels`, `sentiment` (or set `--text_column_name`/`--label_column_name`), as
+  `python -m hf_adv.robustness` finds them; labels are ids (0, 1) or names (`negative`/`positive`, `neg`/`pos`, or
+  your own `--class_names`). The Kaggle "IMDB Dataset of 50K Movie Reviews" CSV (`review,sentiment` columns) loads
+  with `--train_file` alone;
 - the original `aclImdb/` folder: `--data_dir path/to/aclImdb` (`train/pos/*.txt`, `train/neg/*.txt`, `test/...`).
 
 Without a validation split, `--validation_split_percentage` of train is held out with `--split_seed`. `<br />` tags
@@ -68,11 +69,12 @@ from sklearn.metrics import accuracy_score, f1_score
 from transformers import DataCollatorWithPadding, EvalPrediction, set_seed
 
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
+from hf_adv.robustness import data as robustness_data
 
 logger = logging.getLogger(__name__)
 
-TEXT_COLUMNS = ("text", "review", "sentence")
-LABEL_COLUMNS = ("label", "sentiment", "labels")
+# Read as `python -m hf_adv.robustness` reads a table: the first of these columns present, unless a flag names one.
+TEXT_COLUMNS, LABEL_COLUMNS = robustness_data.TEXT_COLUMNS, robustness_data.LABEL_COLUMNS
 DEFAULT_CLASS_NAMES = ["negative", "positive"]
 # The Hub dataset and aclImdb/ name the classes `neg`/`pos`, Kaggle's CSV `negative`/`positive`.
 ALIASES = {"neg": "negative", "pos": "positive"}
@@ -92,7 +94,7 @@ class ImdbDataArguments(DataArguments):
     )
     label_column_name: str | None = field(
         default=None,
-        metadata={"help": "Column holding the label; default: the first of 'label', 'sentiment', 'labels'."},
+        metadata={"help": "Column holding the label; default: the first of 'label', 'labels', 'sentiment'."},
     )
     unlabeled_from_unsup: bool = field(
         default=False,

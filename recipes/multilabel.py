@@ -72,10 +72,12 @@ from transformers import DataCollatorWithPadding, EvalPrediction, set_seed
 
 from hf_adv import AdversarialTrainer, AdversarialTrainingArguments
 from hf_adv.losses import IGNORE_INDEX
+from hf_adv.robustness import data as robustness_data
 
 logger = logging.getLogger(__name__)
 
-TEXT_COLUMNS = ("text", "sentence", "comment_text")
+# The text column as `python -m hf_adv.robustness` finds it; the label column prefers `labels` (multi-hot or ids).
+TEXT_COLUMNS = robustness_data.TEXT_COLUMNS
 LABEL_COLUMNS = ("labels", "label")
 GOEMOTIONS = "google-research-datasets/go_emotions"
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)

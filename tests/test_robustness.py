@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import VOCAB, state, tiny_config, training_args
@@ -380,9 +381,28 @@ def test_cli_reads_tables_as_the_recipes_do(tmp_path, trained, tokenizer, test_r
     for spelling in (["--text_column_name", "text"], ["--text_column", "text"]):
         report = main([*common, "--dataset", str(tsv), "--column_names", "text,label", *spelling])
         assert report["model"]["num_examples"] == 8
+    # Kaggle's IMDB layout (review,sentiment with class names) needs no flag, as in the recipes; the recipes' flag
+    # names --test_file and --max_seq_length work too. The scores equal those of the TSV with ids.
+    kaggle = tmp_path / "kaggle.csv"
+    names = {0: "negative", 1: "positive"}
+    pd.DataFrame(
+        {"review": [r["text"] for r in test_rows[:8]], "sentiment": [names[r["label"]] for r in test_rows[:8]]}
+    ).to_csv(kaggle, index=False)
+    trained.config.id2label, trained.config.label2id = names, {v: k for k, v in names.items()}
+    trained.save_pretrained(tmp_path / "model")
+    by_name = main([*common, "--test_file", str(kaggle), "--max_seq_length", "128"])
+    assert by_name["model"]["clean_accuracy"] == report["model"]["clean_accuracy"]
+    assert by_name["model"]["pgd_accuracy@0.1"] == report["model"]["pgd_accuracy@0.1"]
     for argv, message in (
         ([*common, "--dataset", str(tsv), "--epsilonss", "0.1"], "did you mean --epsilons"),
-        ([*common, "--dataset", str(tsv)], "no text column 'text'"),
+        (
+            [*common, "--dataset", str(tsv)],
+            "no text column: looked for ['text', 'review', 'sentence', 'comment_text']",
+        ),
+        (
+            [*common, "--dataset", str(kaggle), "--label_column_name", "review"],
+            "is not a class of this model's 2 labels",
+        ),
     ):
         command = [sys.executable, "-m", "hf_adv.robustness", *argv]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -423,8 +443,11 @@ def test_cli_answers_labels_that_do_not_fit_in_one_line(tmp_path, trained, token
     common += ["--output_dir", str(tmp_path / "out")]
     cases = [
         (["--dataset", str(tmp_path / "words.csv"), "--label_column_name", "sentiment"], "'positive'"),
-        (["--dataset", str(tmp_path / "range.csv")], "label '5' in column 'label' is not a class id"),
-        (["--dataset", str(tmp_path / "range.csv"), "--label_column_name", "labelz"], "No label column 'labelz'"),
+        (
+            ["--dataset", str(tmp_path / "range.csv")],
+            "label '5' in column 'label' is not a class of this model's 2 labels",
+        ),
+        (["--dataset", str(tmp_path / "range.csv"), "--label_column_name", "labelz"], "no label column 'labelz'"),
     ]
     for argv, message in cases:
         command = [sys.executable, "-m", "hf_adv.robustness", *common, *argv]

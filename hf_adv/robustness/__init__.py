@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from .api import adversarial_accuracy, evaluate_robustness, load_model
 from .core import ATTACK_LOSSES, LABEL_KEYS, epsilon_key, margin_loss
-from .data import build_dataloader, load_rows, read_table
+from .data import LABEL_COLUMNS, TEXT_COLUMNS, build_dataloader, find_column, load_rows, read_table
 from .evaluator import ATTACKS, RobustnessEvaluator
 from .report import markdown_table, plot_accuracy, read_results, write_report
 from .word import WordAttackResult
@@ -57,15 +57,18 @@ from .word import WordAttackResult
 __all__ = [
     "ATTACKS",
     "ATTACK_LOSSES",
+    "LABEL_COLUMNS",
     "LABEL_KEYS",
     "RobustnessArguments",
     "RobustnessEvaluator",
+    "TEXT_COLUMNS",
     "WordAttackResult",
     "adversarial_accuracy",
     "build_dataloader",
     "cli",
     "epsilon_key",
     "evaluate_robustness",
+    "find_column",
     "load_model",
     "load_rows",
     "main",

@@ -11,7 +11,7 @@ import torch
 
 from ..cli import UsageError, exit_on_usage_error, model_load_error, model_load_kwargs, one_line, parse_cli
 from .api import evaluate_robustness, load_model
-from .data import load_rows
+from .data import LABEL_COLUMNS, TEXT_COLUMNS, load_rows
 from .evaluator import ATTACKS, check_attack_settings
 from .report import markdown_table, read_results, write_report
 
@@ -46,16 +46,23 @@ class RobustnessArguments:
         default=None,
         metadata={
             "help": "A .csv/.tsv/.jsonl/.json/.parquet file (optionally .gz, .bz2, .xz, .zip, .zst; read as the "
-            "recipes read it) or a `save_to_disk` folder."
+            "recipes read it) or a `save_to_disk` folder.",
+            "aliases": ["--test_file"],
         },
     )
-    text_column_name: str = field(
-        default="text", metadata={"help": "Column with the text (as the recipes' flag).", "aliases": ["--text_column"]}
-    )
-    label_column_name: str = field(
-        default="label",
+    text_column_name: str | None = field(
+        default=None,
         metadata={
-            "help": "Column with the label: a class id, or label ids (list or comma-separated) for multi-label.",
+            "help": f"Column with the text; default: the first of {', '.join(TEXT_COLUMNS)} (as the recipes).",
+            "aliases": ["--text_column"],
+        },
+    )
+    label_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Column with the label; default: the first of {', '.join(LABEL_COLUMNS)}. A class id or a class "
+            "name of the model's id2label (as the recipes save it: negative, positive); for multi-label, label ids "
+            "or names (a list, or comma-separated).",
             "aliases": ["--label_column"],
         },
     )
@@ -72,7 +79,9 @@ class RobustnessArguments:
     clean_br_tags: bool = field(
         default=True, metadata={"help": "Replace HTML line breaks (<br />) by spaces, as the recipes do."}
     )
-    max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_length: int = field(
+        default=128, metadata={"help": "Truncate inputs to this many tokens.", "aliases": ["--max_seq_length"]}
+    )
     batch_size: int = field(default=32, metadata={"help": "Examples per batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the example sample and of torch."})
     # -- attacks --------------------------------------------------------------------------------------------------

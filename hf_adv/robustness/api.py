@@ -28,8 +28,8 @@ def evaluate_robustness(
     data,
     tokenizer=None,
     *,
-    text_column: str = "text",
-    label_column: str = "label",
+    text_column: str | None = None,
+    label_column: str | None = None,
     max_length: int = 128,
     batch_size: int = 32,
     device: str | torch.device | None = None,
@@ -41,8 +41,10 @@ def evaluate_robustness(
         model (`nn.Module` or `str`): the model, or a folder to load it from with
             `AutoModelForSequenceClassification.from_pretrained`.
         data: a `DataLoader` of batches with labels, a tokenized data set, or a data set (or list of dicts) of raw
-            text in `text_column` with labels in `label_column` (class ids; for multi-label models lists of label ids,
-            comma-separated ids, or multi-hot vectors).
+            text in `text_column` with labels in `label_column` (by default the first of `TEXT_COLUMNS` /
+            `LABEL_COLUMNS` present, as the recipes read a table): class ids or the class names of the model's
+            `config.id2label`; for multi-label models lists of label ids or names, comma-separated, or multi-hot
+            vectors.
         tokenizer (*optional*): the tokenizer or its folder; by default loaded from `model` when it is a folder.
 
     Returns:
@@ -77,6 +79,7 @@ def evaluate_robustness(
         label_column=label_column,
         max_length=max_length,
         batch_size=batch_size,
+        id2label=getattr(getattr(model, "config", None), "id2label", None),
     )
     return evaluator.evaluate(batches, description=description)
 

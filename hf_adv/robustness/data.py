@@ -17,20 +17,59 @@ TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip", ".zst")
 # IMDB's HTML line breaks, replaced by a space (the recipes' --clean_br_tags).
 BR_TAG = re.compile(r"(\s*<br\s*/?>\s*)+", flags=re.IGNORECASE)
+# Without --text_column_name / --label_column_name, the first of these columns present is used: the recipes and
+# `python -m hf_adv.robustness` read a table the same way (Kaggle's IMDB CSV is `review,sentiment`, Jigsaw's
+# `comment_text`).
+TEXT_COLUMNS = ("text", "review", "sentence", "comment_text")
+LABEL_COLUMNS = ("label", "labels", "sentiment")
 
 
-def _labels_to_multi_hot(value, num_labels: int) -> list[float]:
+def find_column(
+    columns: Sequence[str], requested: str | None, candidates: Sequence[str], what: str, flag: str, source: str = ""
+) -> str:
+    """The column to read: `requested` if given, else the first of `candidates` present.
+
+    Raises:
+        `ValueError`: naming the columns there are and `flag`, when the column is missing.
+    """
+    where = f"{source}: " if source else ""
+    columns = list(columns)
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"{where}no {what} column {requested!r} (columns: {columns}); set {flag} to one of them.")
+        return requested
+    found = next((c for c in candidates if c in columns), None)
+    if found is None:
+        raise ValueError(
+            f"{where}no {what} column: looked for {list(candidates)}, the columns are {columns}; set {flag}."
+        )
+    return found
+
+
+def _class_id(value, names: dict[str, int]) -> int:
+    """A class id from an id (1, 1.0, '1') or a class name of the model's `id2label` (case-insensitive)."""
+    if isinstance(value, str) and value.strip().lower() in names:
+        return names[value.strip().lower()]
+    number = float(value)
+    if number != int(number):
+        raise ValueError(value)
+    return int(number)
+
+
+def _labels_to_multi_hot(value, num_labels: int, names: dict[str, int]) -> list[float]:
     if isinstance(value, str):
-        ids = [int(x) for x in value.replace(" ", "").split(",") if x]
+        ids = [_class_id(x, names) for x in value.split(",") if x.strip()]
     elif isinstance(value, int | float):
         ids = [int(value)]
     else:
         value = list(value)
         if len(value) == num_labels and all(v in (0, 1) for v in value):
             return [float(v) for v in value]
-        ids = [int(v) for v in value]
+        ids = [_class_id(v, names) for v in value]
     hot = [0.0] * num_labels
     for i in ids:
+        if not 0 <= i < num_labels:
+            raise IndexError(i)
         hot[i] = 1.0
     return hot
 
@@ -41,25 +80,27 @@ def build_dataloader(
     *,
     problem_type: str = SINGLE_LABEL,
     num_labels: int = 2,
-    text_column: str = "text",
-    label_column: str = "label",
+    text_column: str | None = None,
+    label_column: str | None = None,
     max_length: int = 128,
     batch_size: int = 32,
+    id2label: dict[int, str] | None = None,
 ) -> torch.utils.data.DataLoader | Iterable[dict[str, Any]]:
     """Batches for the evaluator from a data loader (returned as is), a tokenized data set (`input_ids`) or a data
-    set of raw text (tokenized here). Examples are batched by length, to pad as little as possible."""
+    set of raw text (tokenized here). Examples are batched by length, to pad as little as possible.
+
+    `text_column` / `label_column`: default the first of `TEXT_COLUMNS` / `LABEL_COLUMNS` present, as the recipes
+    read a table. Labels are class ids or, with `id2label` (the model's `config.id2label`), class names
+    (case-insensitive: `positive`, `Positive`); multi-label: lists of either, comma-separated, or multi-hot vectors.
+
+    Raises:
+        `ValueError`: for a missing column or a label that is no class of the model, naming its row.
+    """
     if isinstance(data, torch.utils.data.DataLoader):
         return data
     columns = getattr(data, "column_names", None) or list(data[0].keys())
-    label_key = next((k for k in (label_column, *LABEL_KEYS) if k in columns), None)
-    if label_key is None:
-        raise ValueError(
-            f"No label column {label_column!r} in the data set (columns: {columns}); set --label_column_name."
-        )
-    if label_key != label_column and label_column != "label":  # a column asked for by name and missing
-        raise ValueError(
-            f"No label column {label_column!r} in the data set (columns: {columns}); set --label_column_name."
-        )
+    label_key = find_column(columns, label_column, (*LABEL_COLUMNS, *LABEL_KEYS), "label", "--label_column_name")
+    names = {str(name).lower(): int(i) for i, name in (id2label or {}).items()}
     features = []
     if "input_ids" in columns:
         keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in columns]
@@ -69,6 +110,7 @@ def build_dataloader(
         if tokenizer is None:
             raise ValueError("The data set holds raw text: pass the tokenizer.")
         rows = list(data)
+        text_column = find_column(columns, text_column, TEXT_COLUMNS, "text", "--text_column_name")
         texts = [row[text_column] for row in rows]
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
         for i, row in enumerate(rows):
@@ -77,17 +119,18 @@ def build_dataloader(
         value = feature["labels"]
         try:
             if problem_type == MULTI_LABEL:
-                feature["labels"] = _labels_to_multi_hot(value, num_labels)
+                feature["labels"] = _labels_to_multi_hot(value, num_labels, names)
             else:
-                feature["labels"] = int(value)
+                feature["labels"] = _class_id(value, names)
                 label = feature["labels"]
                 if num_labels is not None and label != IGNORE_INDEX and not 0 <= label < num_labels:
                     raise IndexError
         except (ValueError, TypeError, IndexError):
-            kind = "label ids (a list, or comma-separated)" if problem_type == MULTI_LABEL else "a class id"
+            kind = "label ids or names (a list, or comma-separated)" if problem_type == MULTI_LABEL else "a class"
+            known = f" or names {[str(id2label[i]) for i in sorted(id2label, key=int)]}" if id2label else ""
             raise ValueError(
                 f"Row {index + 1}: label {value!r} in column {label_key!r} is not {kind} of this model's "
-                f"{num_labels} labels ({problem_type}); give the labels as ids 0..{(num_labels or 1) - 1}."
+                f"{num_labels} labels ({problem_type}); give the labels as ids 0..{(num_labels or 1) - 1}{known}."
             ) from None
     features.sort(key=lambda f: len(f["input_ids"]))
     if tokenizer is not None:
@@ -102,7 +145,7 @@ def build_dataloader(
 def load_rows(
     dataset: str | Path,
     *,
-    text_column: str = "text",
+    text_column: str | None = None,
     column_names: Sequence[str] | None = None,
     num_examples: int | None = None,
     seed: int = 0,
@@ -110,7 +153,8 @@ def load_rows(
 ) -> list[dict[str, Any]]:
     """The examples of a table file (`read_table`: the recipes' rules) or a `save_to_disk` folder, as dicts;
     `num_examples` of them sampled with `seed` when set. `column_names` names the columns of a CSV/TSV file without
-    a header row; `clean_br_tags` replaces IMDB's HTML line breaks in `text_column` by spaces, as the recipes do.
+    a header row; `clean_br_tags` replaces IMDB's HTML line breaks in `text_column` (default: the first of
+    `TEXT_COLUMNS` present) by spaces, as the recipes do.
 
     Raises:
         `ValueError`: for a file that cannot be read (see `read_table`), or without `text_column`.
@@ -122,12 +166,8 @@ def load_rows(
         frame = load_from_disk(str(path)).to_pandas()
     else:
         frame = read_table(str(path), list(column_names) if column_names else None)
-    if text_column not in frame.columns:
-        raise ValueError(
-            f"{dataset}: no text column {text_column!r} (columns: {list(frame.columns)}); set --text_column_name"
-            + ("" if column_names else ", or --column_names for a file without a header row")
-            + "."
-        )
+    flag = "--text_column_name" + ("" if column_names else " (or --column_names for a file without a header row)")
+    text_column = find_column(frame.columns, text_column, TEXT_COLUMNS, "text", flag, str(dataset))
     if num_examples is not None and num_examples < len(frame):
         frame = frame.sample(n=num_examples, random_state=seed)
     rows = frame.to_dict("records")

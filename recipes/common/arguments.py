@@ -72,7 +72,11 @@ class DataArguments:
         },
     )
     text_column_name: str | None = field(
-        default=None, metadata={"help": "Column holding the text; default: the first of 'text', 'review', 'sentence'."}
+        default=None,
+        metadata={
+            "help": "Column holding the text; default: the first of 'text', 'review', 'sentence', 'comment_text' "
+            "(as `python -m hf_adv.robustness` reads a table)."
+        },
     )
     id_column_name: str | None = field(
         default=None, metadata={"help": "Column copied into the predictions file; default: 'id' when present."}
