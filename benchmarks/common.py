@@ -74,9 +74,9 @@ def _ours() -> dict[str, tuple[str, dict[str, Any]]]:
 
 # name -> (kind, settings). "ours": AdversarialTrainingArguments fields, those of each recipe config (every registered
 # method has one) and the variants above; "classic": ClassicTrainer keywords; "floor": RepeatedPassTrainer keywords
-# (plain forward+backward run twice: what two full passes cost on the machine). Classic settings are those of
-# ../shared/docs/MEASUREMENTS.md: eps 1, PGD K=3 alpha 0.3, AWP lr 1 (eps 1e-3, from step 0), VAT one power
-# iteration, xi 10, eps 1.
+# (plain forward+backward run twice: what two full passes cost on the machine). Classic settings are those of the
+# snippets competitors copy (the FGM/PGD/AWP classes of Kaggle notebooks, the PyTorch VAT port): eps 1, PGD K=3
+# alpha 0.3, AWP lr 1 (eps 1e-3, from step 0), VAT one power iteration, xi 10, eps 1.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain": ("plain", {}),
     "plain_x2": ("floor", {"passes": 2}),
