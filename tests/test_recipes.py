@@ -22,7 +22,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from hf_adv.cli import UsageError
-from hf_adv.methods import list_methods
+from hf_adv.methods import get_method_class, list_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -32,6 +32,7 @@ sys.path.insert(0, str(RECIPES))
 import common  # noqa: E402
 import imdb  # noqa: E402
 import multilabel  # noqa: E402
+import reference  # noqa: E402  (tests/reference.py: pytest puts tests/ on the path)
 
 WORDS = (
     "the a movie film plot actor acting was is and it good great superb love fun happy joy bad awful boring "
@@ -41,17 +42,17 @@ GOOD = ["good", "great", "superb", "love", "fun"]
 BAD = ["bad", "awful", "boring", "hate", "dull"]
 EMOTIONS = ["joy", "anger", "sad"]
 
-# Each method with settings that make it act within 2 steps (AWP otherwise waits for epoch 1).
-METHODS = {
-    "none": [],
-    "fgm": ["--adv_method", "fgm"],
-    "fgsm": ["--adv_method", "fgsm", "--adv_epsilon", "0.01"],
-    "pgd": ["--adv_method", "pgd", "--adv_steps", "2"],
-    "awp": ["--adv_method", "awp", "--adv_start_epoch", "0"],
-    "vat": ["--vat_weight", "1.0"],
-}
-# The metric that shows the method ran, in the logged history.
-METHOD_METRIC = {"fgm": "adv_loss", "fgsm": "adv_loss", "pgd": "adv_loss", "awp": "adv_loss", "vat": "vat_loss"}
+
+# Every registered method, with the flags of its first reference case (tests/reference.py) and a start at step 0
+# (AWP otherwise waits for epoch 1): registering a method runs it through both recipes with no edit here.
+def _recipe_flags(method: str) -> list[str]:
+    flags = [f"--{k}={v}" for k, v in reference.first_case(method).flags.items()]
+    return flags + (["--adv_start_epoch", "0"] if get_method_class(method).default_start_epoch > 0 else [])
+
+
+METHODS = {"none": [], **{m: _recipe_flags(m) for m in list_methods(None)}}
+# The metric that shows the method ran, in the logged history: the method's first logged metric.
+METHOD_METRIC = {m: get_method_class(m).metrics[0] for m in list_methods(None)}
 
 
 # -- fixtures: a tiny model and a few rows of data ----------------------------------------------------------------
