@@ -5,6 +5,7 @@ Every field is a `--flag` of `HfArgumentParser`, so recipes and the CLI configur
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 
@@ -82,7 +83,8 @@ class AdversarialTrainingArguments(TrainingArguments):
         default=1.0,
         metadata={
             "help": "FGM: L2 size of the embedding perturbation (over the batch's rows in token scope, per example in "
-            "example scope). FGSM: its L-inf size. PGD: radius of the L2 ball. free: L2 size over the batch's rows."
+            "example scope). FGSM: its L-inf size. PGD: radius of the L2 ball. carry: L2 size of each step's new "
+            "offsets over the batch's rows."
         },
     )
     adv_alpha: float = field(
@@ -247,7 +249,9 @@ class AdversarialTrainingArguments(TrainingArguments):
                 f"adv_method is one of {perturbations}."
             )
         if self.adv_method not in perturbations:
-            raise ValueError(f"adv_method={self.adv_method!r} is not one of {perturbations}.")
+            close = difflib.get_close_matches(str(self.adv_method), perturbations, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"adv_method={self.adv_method!r} is not one of {perturbations}{hint}.")
         if self.adv_scope not in SCOPES:
             raise ValueError(f"adv_scope={self.adv_scope!r} is not one of {list(SCOPES)}.")
         for cls in regularizers.values():

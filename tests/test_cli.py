@@ -51,6 +51,7 @@ def test_invalid_method_names_the_valid_ones(tmp_path):
     with pytest.raises(cli.UsageError) as error:
         cli.parse_cli(parser(), ["--model_name_or_path", "m", "--adv_method", "fmg", "--output_dir", str(tmp_path)])
     assert "'fmg'" in str(error.value) and str(list_methods("perturbation")) in str(error.value)
+    assert "did you mean 'fgm'?" in str(error.value)
     assert "\n" not in str(error.value)
 
 
