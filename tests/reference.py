@@ -249,15 +249,26 @@ def carry(model, batch, epsilon, steps=2):
         offsets[rows] = epsilon * emb.grad[rows] / emb.grad.norm()
 
 
-def rdrop(model, batch, weight):
-    """R-Drop as in the authors' README: two forwards (two dropout masks), both losses, the symmetric KL."""
+def rdrop(model, batch, weight, kind="kl"):
+    """R-Drop as in the authors' README: two forwards (two dropout masks), both losses, the symmetric KL. `kind`:
+    `bernoulli` for multi-label (per-label Bernoulli KL, averaged over labels as the BCE is), `mse` for regression."""
     model.zero_grad()
     first, second = model(**batch), model(**batch)
     p, q = first.logits, second.logits
-    kl = 0.5 * (
-        F.kl_div(F.log_softmax(q, -1), F.softmax(p, -1), reduction="batchmean")
-        + F.kl_div(F.log_softmax(p, -1), F.softmax(q, -1), reduction="batchmean")
-    )
+    if kind == "kl":
+        kl = 0.5 * (
+            F.kl_div(F.log_softmax(q, -1), F.softmax(p, -1), reduction="batchmean")
+            + F.kl_div(F.log_softmax(p, -1), F.softmax(q, -1), reduction="batchmean")
+        )
+    elif kind == "bernoulli":
+
+        def bernoulli(a, b):  # KL(Bernoulli(sigmoid(a)) || Bernoulli(sigmoid(b))), per label
+            pa, pb = torch.sigmoid(a), torch.sigmoid(b)
+            return pa * (torch.log(pa) - torch.log(pb)) + (1 - pa) * (torch.log(1 - pa) - torch.log(1 - pb))
+
+        kl = 0.5 * (bernoulli(p, q) + bernoulli(q, p)).mean()
+    else:
+        kl = (p - q).square().mean()
     (first.loss + second.loss + weight * kl).backward()
 
 

@@ -62,6 +62,23 @@ def test_awp_with_rdrop_matches_reference(tmp_path):
         assert torch.equal(value, before[name]), name
 
 
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_rdrop_multi_label_and_regression_match_reference(tmp_path, problem_type):
+    """R-Drop's divergence for the other heads: the Bernoulli KL averaged over labels, the squared error."""
+    num_labels = 3 if problem_type == "multi_label_classification" else 1
+    batch = make_batch(multi_label=num_labels == 3, num_labels=num_labels)
+    if problem_type == "regression":
+        batch["labels"] = torch.linspace(-1.0, 1.0, len(batch["labels"]))
+    kwargs = dict(hidden_dropout_prob=0.2, num_labels=num_labels, problem_type=problem_type)
+    model, reference_model = tiny_model(**kwargs), tiny_model(**kwargs)
+    torch.manual_seed(7)
+    reference.rdrop(reference_model, batch, 0.5, kind="bernoulli" if num_labels == 3 else "mse")
+    trainer = make_trainer(tmp_path, model=model, rdrop_weight=0.5)
+    torch.manual_seed(7)
+    trainer.training_step(trainer.model, dict(batch))
+    assert_close_dicts(grads(model), grads(reference_model))
+
+
 @pytest.mark.parametrize("regularizer", list_methods("regularizer"))
 @pytest.mark.parametrize("perturbation", [m for m in list_methods("perturbation") if m != "none"])
 def test_every_perturbation_combines_with_every_regularizer(tmp_path, perturbation, regularizer):
