@@ -77,7 +77,7 @@ logger = logging.getLogger(__name__)
 TEXT_COLUMNS, LABEL_COLUMNS = robustness_data.TEXT_COLUMNS, robustness_data.LABEL_COLUMNS
 DEFAULT_CLASS_NAMES = ["negative", "positive"]
 # The Hub dataset and aclImdb/ name the classes `neg`/`pos`, Kaggle's CSV `negative`/`positive`.
-ALIASES = {"neg": "negative", "pos": "positive"}
+ALIASES = robustness_data.CLASS_NAME_ALIASES
 
 
 @dataclass

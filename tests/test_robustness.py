@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -455,3 +456,31 @@ def test_cli_answers_labels_that_do_not_fit_in_one_line(tmp_path, trained, token
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith("error: ") and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def _labels_read(labels, **kwargs) -> list:
+    rows = [{"input_ids": [2, 3], "attention_mask": [1, 1], "label": value} for value in labels]
+    return [f["labels"][0].tolist() for f in build_dataloader(rows, batch_size=1, **kwargs)]
+
+
+def test_labels_are_read_as_the_recipes_read_them():
+    """Ids first, then the model's class names (case-insensitive, pos/neg for positive/negative), as the IMDB
+    recipe reads them; multi-label cells as lists, lists written to a CSV cell, or comma-separated ids or names."""
+    names = {0: "negative", 1: "positive"}
+    assert _labels_read(["1", 0, 1.0, " Positive ", "neg", "pos"], id2label=names) == [1, 0, 1, 1, 0, 1]
+    # Names that look like ids (star ratings) are ids, as in the recipe: a CSV '1' and a JSON 1 are the same class.
+    stars = {0: "1", 1: "2", 2: "3"}
+    assert _labels_read(["1", 1], num_labels=3, id2label=stars) == [1, 1]
+    multi = {0: "joy", 1: "anger", 2: "sad"}
+    kwargs = dict(problem_type="multi_label_classification", num_labels=3, id2label=multi)
+    read = _labels_read(["joy, anger", ["sad"], "[0, 2]", "['joy', 'sad']", "1", [1, 0, 1]], **kwargs)
+    assert read == [[1, 1, 0], [0, 0, 1], [1, 0, 1], [1, 0, 1], [0, 1, 0], [1, 0, 1]]
+    for bad in ("inf", "1e400", "1.5", "meh", "[0,"):
+        with pytest.raises(ValueError, match=re.escape(f"label {bad!r} in column 'label' is not a class")):
+            _labels_read([bad], id2label=names)
+
+
+def test_missing_text_names_its_row(tokenizer):
+    rows = [{"text": "good film", "label": 1}, {"text": None, "label": 0}]
+    with pytest.raises(ValueError, match="Row 2: text column 'text' holds None; expected a non-empty text"):
+        build_dataloader(rows, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ BR_TAG = re.compile(r"(\s*<br\s*/?>\s*)+", flags=re.IGNORECASE)
 # `comment_text`).
 TEXT_COLUMNS = ("text", "review", "sentence", "comment_text")
 LABEL_COLUMNS = ("label", "labels", "sentiment")
+# Class names that stand for another: the Hub's IMDB and aclImdb/ say `neg`/`pos`, Kaggle's CSV `negative`/`positive`.
+CLASS_NAME_ALIASES = {"neg": "negative", "pos": "positive"}
 
 
 def find_column(
@@ -47,20 +50,31 @@ def find_column(
 
 
 def _class_id(value, names: dict[str, int]) -> int:
-    """A class id from an id (1, 1.0, '1') or a class name of the model's `id2label` (case-insensitive)."""
-    if isinstance(value, str) and value.strip().lower() in names:
-        return names[value.strip().lower()]
-    number = float(value)
+    """A class id from an id (1, 1.0, '1'; read first, as the recipes do) or else a class name of the model's
+    `id2label` (case-insensitive; `pos`/`neg` for `positive`/`negative`, as the IMDB recipe reads them)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        name = str(value).strip().lower()
+        name = CLASS_NAME_ALIASES.get(name, name) if name not in names else name
+        if name in names:
+            return names[name]
+        raise ValueError(value) from None
     if number != int(number):
         raise ValueError(value)
     return int(number)
 
 
 def _labels_to_multi_hot(value, num_labels: int, names: dict[str, int]) -> list[float]:
+    if isinstance(value, str) and value.strip().startswith("["):  # a list written to a CSV cell: "[0, 2]", "['joy']"
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(value) from None
     if isinstance(value, str):
-        ids = [_class_id(x, names) for x in value.split(",") if x.strip()]
+        ids = [_class_id(x.strip().strip("'\""), names) for x in value.split(",") if x.strip()]
     elif isinstance(value, int | float):
-        ids = [int(value)]
+        ids = [_class_id(value, names)]
     else:
         value = list(value)
         if len(value) == num_labels and all(v in (0, 1) for v in value):
@@ -99,7 +113,8 @@ def build_dataloader(
     if isinstance(data, torch.utils.data.DataLoader):
         return data
     columns = getattr(data, "column_names", None) or list(data[0].keys())
-    label_key = find_column(columns, label_column, (*LABEL_COLUMNS, *LABEL_KEYS), "label", "--label_column_name")
+    candidates = tuple(dict.fromkeys((*LABEL_COLUMNS, *LABEL_KEYS)))
+    label_key = find_column(columns, label_column, candidates, "label", "--label_column_name")
     names = {str(name).lower(): int(i) for i, name in (id2label or {}).items()}
     features = []
     if "input_ids" in columns:
@@ -112,6 +127,11 @@ def build_dataloader(
         rows = list(data)
         text_column = find_column(columns, text_column, TEXT_COLUMNS, "text", "--text_column_name")
         texts = [row[text_column] for row in rows]
+        for index, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(
+                    f"Row {index + 1}: text column {text_column!r} holds {text!r}; expected a non-empty text."
+                )
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
         for i, row in enumerate(rows):
             features.append({k: encoded[k][i] for k in encoded.keys()} | {"labels": row[label_key]})
@@ -125,7 +145,7 @@ def build_dataloader(
                 label = feature["labels"]
                 if num_labels is not None and label != IGNORE_INDEX and not 0 <= label < num_labels:
                     raise IndexError
-        except (ValueError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError, OverflowError):
             kind = "label ids or names (a list, or comma-separated)" if problem_type == MULTI_LABEL else "a class"
             known = f" or names {[str(id2label[i]) for i in sorted(id2label, key=int)]}" if id2label else ""
             raise ValueError(
@@ -173,7 +193,8 @@ def load_rows(
     rows = frame.to_dict("records")
     if clean_br_tags:
         for row in rows:
-            row[text_column] = BR_TAG.sub(" ", str(row[text_column]))
+            if isinstance(row[text_column], str):  # a missing text stays missing, for its error to name the row
+                row[text_column] = BR_TAG.sub(" ", row[text_column])
     return rows
 
 
