@@ -322,6 +322,12 @@ def test_shipped_configs_parse(config, tmp_path):
         assert 0 < training_args.resolved_start_epoch < training_args.num_train_epochs
 
 
+def test_every_registered_method_has_a_config():
+    """Each registered method ships `recipes/configs/imdb_<method>.yaml` (so the quality benchmark can train it)."""
+    shipped = {p.stem.removeprefix("imdb_") for p in (RECIPES / "configs").glob("imdb_*.yaml")}
+    assert set(list_methods(None)) <= shipped, set(list_methods(None)) - shipped
+
+
 # -- bad input: a clear error before any training ------------------------------------------------------------------
 def write(path: Path, text: str) -> str:
     path.write_text(text)
