@@ -389,8 +389,9 @@ def test_cli_reads_tables_as_the_recipes_do(tmp_path, trained, tokenizer, test_r
     pd.DataFrame(
         {"review": [r["text"] for r in test_rows[:8]], "sentiment": [names[r["label"]] for r in test_rows[:8]]}
     ).to_csv(kaggle, index=False)
-    trained.config.id2label, trained.config.label2id = names, {v: k for k, v in names.items()}
-    trained.save_pretrained(tmp_path / "model")
+    named = copy.deepcopy(trained)  # the module's model keeps its own config for the other tests
+    named.config.id2label, named.config.label2id = names, {v: k for k, v in names.items()}
+    named.save_pretrained(tmp_path / "model")
     by_name = main([*common, "--test_file", str(kaggle), "--max_seq_length", "128"])
     assert by_name["model"]["clean_accuracy"] == report["model"]["clean_accuracy"]
     assert by_name["model"]["pgd_accuracy@0.1"] == report["model"]["pgd_accuracy@0.1"]
