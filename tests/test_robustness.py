@@ -399,7 +399,7 @@ def test_cli_reads_tables_as_the_recipes_do(tmp_path, trained, tokenizer, test_r
         ([*common, "--dataset", str(tsv), "--epsilonss", "0.1"], "did you mean --epsilons"),
         (
             [*common, "--dataset", str(tsv)],
-            "no text column: looked for ['text', 'review', 'sentence', 'comment_text']",
+            "no text column; looked for ['text', 'review', 'sentence', 'comment_text']",
         ),
         (
             [*common, "--dataset", str(kaggle), "--label_column_name", "review"],

@@ -28,23 +28,34 @@ CLASS_NAME_ALIASES = {"neg": "negative", "pos": "positive"}
 
 
 def find_column(
-    columns: Sequence[str], requested: str | None, candidates: Sequence[str], what: str, flag: str, source: str = ""
+    columns: Sequence[str],
+    requested: str | None,
+    candidates: Sequence[str],
+    what: str,
+    flag: str,
+    source: str = "",
+    names_flag: str | None = None,
 ) -> str:
-    """The column to read: `requested` if given, else the first of `candidates` present.
+    """The column to read: `requested` if given, else the first of `candidates` present. The recipes and the CLI
+    read tables with it.
 
     Raises:
-        `ValueError`: naming the columns there are and `flag`, when the column is missing.
+        `ValueError`: naming `source`, the columns there are and `flag` (and `names_flag`, the flag that names the
+        columns of a file without a header row), when the column is missing.
     """
     where = f"{source}: " if source else ""
     columns = list(columns)
     if requested is not None:
         if requested not in columns:
-            raise ValueError(f"{where}no {what} column {requested!r} (columns: {columns}); set {flag} to one of them.")
+            raise ValueError(
+                f"{where}no {what} column {requested!r}; the columns are {columns}. Set {flag} to one of them."
+            )
         return requested
     found = next((c for c in candidates if c in columns), None)
     if found is None:
         raise ValueError(
-            f"{where}no {what} column: looked for {list(candidates)}, the columns are {columns}; set {flag}."
+            f"{where}no {what} column; looked for {list(candidates)}, the columns are {columns}. Set {flag} to the "
+            f"right one" + (f" (or {names_flag} for a file without a header row)." if names_flag else ".")
         )
     return found
 
@@ -186,8 +197,10 @@ def load_rows(
         frame = load_from_disk(str(path)).to_pandas()
     else:
         frame = read_table(str(path), list(column_names) if column_names else None)
-    flag = "--text_column_name" + ("" if column_names else " (or --column_names for a file without a header row)")
-    text_column = find_column(frame.columns, text_column, TEXT_COLUMNS, "text", flag, str(dataset))
+    names_flag = None if column_names else "--column_names"
+    text_column = find_column(
+        frame.columns, text_column, TEXT_COLUMNS, "text", "--text_column_name", str(dataset), names_flag
+    )
     if num_examples is not None and num_examples < len(frame):
         frame = frame.sample(n=num_examples, random_state=seed)
     rows = frame.to_dict("records")

@@ -19,7 +19,7 @@ import pandas as pd
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_adv.cli import model_load_error, model_load_kwargs
-from hf_adv.robustness.data import BR_TAG, table_format
+from hf_adv.robustness.data import BR_TAG, find_column, table_format
 from hf_adv.robustness.data import read_table as _read_table
 
 from .arguments import DataArguments, DataError, ModelArguments, RecipeError
@@ -240,21 +240,12 @@ def resolve_column(
     flag: str,
     names_flag: str = "--column_names",
 ) -> str:
-    """The column to use: `requested` if given, else the first candidate present; a DataError names the columns."""
-    columns = list(raw.frame.columns)
-    if requested is not None:
-        if requested not in columns:
-            raise DataError(
-                f"{raw.source}: no {what} column {requested!r}; the columns are {columns}. Set {flag} to one of them."
-            )
-        return requested
-    for candidate in candidates:
-        if candidate in columns:
-            return candidate
-    raise DataError(
-        f"{raw.source}: no {what} column; looked for {list(candidates)}, the columns are {columns}. "
-        f"Set {flag} to the right one (or {names_flag} for a file without a header row)."
-    )
+    """The column to use: `requested` if given, else the first candidate present (`hf_adv.robustness.data.find_column`,
+    the rule the robustness CLI reads tables with); a DataError names the columns."""
+    try:
+        return find_column(raw.frame.columns, requested, candidates, what, flag, raw.source, names_flag)
+    except ValueError as error:
+        raise DataError(str(error)) from None
 
 
 def clean_texts(raw: RawSplit, column: str, clean_br_tags: bool) -> list[str]:
