@@ -154,8 +154,16 @@ class AdversarialTrainingArguments(TrainingArguments):
         default=0.0, metadata={"help": "Weight of the VAT loss added to every step; 0 disables VAT."}
     )
     vat_epsilon: float = field(default=1.0, metadata={"help": "VAT: L2 size of the perturbation per example."})
-    vat_xi: float = field(default=10.0, metadata={"help": "VAT: size of the probe direction in power iteration."})
-    vat_iterations: int = field(default=1, metadata={"help": "VAT: number of power iterations."})
+    vat_xi: float = field(
+        default=10.0,
+        metadata={
+            "help": "VAT: L2 size per example of the probe direction in power iteration (embedding-output units)."
+        },
+    )
+    vat_iterations: int = field(
+        default=1,
+        metadata={"help": "VAT: number of power iterations; more than 1 needs a small vat_xi (0.1 or less): warned."},
+    )
     vat_divergence: str = field(
         default="auto",
         metadata={

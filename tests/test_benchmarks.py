@@ -17,7 +17,15 @@ if str(ROOT) not in sys.path:  # `pytest` without `python -m` does not put the r
 
 from test_recipes import data, tiny_model  # noqa: E402, F401  (module fixtures: a tiny BERT folder, a few rows)
 
-from benchmarks import end_to_end, fraction_gradients, quality, report, semi_supervised, step_cost  # noqa: E402
+from benchmarks import (  # noqa: E402
+    end_to_end,
+    fraction_gradients,
+    quality,
+    report,
+    semi_supervised,
+    step_cost,
+    vat_probe,
+)
 from benchmarks.common import METHODS, same_checkout_paths  # noqa: E402
 
 # One thread: on a shared 2-core machine OpenMP barriers between busy cores make tiny ops take milliseconds.
@@ -266,3 +274,20 @@ def test_fraction_gradients_measures_each_draw(tiny_model, data, tmp_path):  # n
     assert all(-1 <= v <= 1 for entry in cosines.values() for v in entry["values"])
     saved = json.loads((tmp_path / "docs" / "benchmarks" / "fraction_gradients.json").read_text())
     assert saved["command"].startswith("python -m benchmarks.fraction_gradients --model")
+
+
+def test_vat_probe_compares_every_probe_size_and_iteration_count(tiny_model, data, tmp_path):  # noqa: F811
+    root = quality_data(data, tmp_path / "data")
+    result = vat_probe.main(
+        [
+            *("--model", tiny_model, "--data-dir", str(root), "--output-dir", str(tmp_path / "docs")),
+            *("--examples", "4", "--xis", "0.1", "10", "--iterations", "1", "2", "--max-length", "16"),
+        ]
+    )
+    rows = {(r["xi"], r["iterations"]): r for r in result["results"]}
+    assert sorted(rows) == [(0.1, 1), (0.1, 2), (10.0, 1), (10.0, 2)]
+    assert result["reference"] == {"xi": 0.1, "iterations": 2}
+    assert all(r["lds"] >= 0 and len(r["cosine"]) == 4 for r in rows.values())
+    assert all(abs(c - 1) < 1e-5 for c in rows[(0.1, 2)]["cosine"])  # the reference against itself
+    saved = json.loads((tmp_path / "docs" / "benchmarks" / "vat_probe.json").read_text())
+    assert saved["command"].startswith("python -m benchmarks.vat_probe --model")

@@ -3,6 +3,7 @@ weights, evaluation and checkpoints, mixed precision, logging and argument valid
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -577,6 +578,21 @@ def test_causal_lm_accumulation_is_token_weighted_as_in_trainer(tmp_path):
 def test_vat_is_not_an_adv_method(tmp_path):
     with pytest.raises(ValueError, match="set vat_weight > 0"):
         AdversarialTrainingArguments(output_dir=str(tmp_path), report_to="none", adv_method="vat")
+
+
+@pytest.mark.parametrize(
+    "xi, iterations, warned", [(10.0, 2, True), (1.0, 3, True), (0.1, 2, False), (10.0, 1, False)]
+)
+def test_vat_warns_when_a_large_probe_meets_several_power_iterations(tmp_path, caplog, xi, iterations, warned):
+    """With vat_xi >= 1 a second power iteration loses the adversarial direction (benchmarks/vat_probe.py): the
+    trainer says so once, at construction, naming both flags; the default (xi 10, one iteration) and a small probe
+    are quiet."""
+    with caplog.at_level(logging.WARNING, logger="hf_adv"):
+        make_trainer(tmp_path, vat_weight=1.0, vat_xi=xi, vat_iterations=iterations)
+    messages = [r.getMessage() for r in caplog.records if "vat_iterations" in r.getMessage()]
+    assert len(messages) == (1 if warned else 0)
+    if warned:
+        assert f"vat_iterations={iterations}" in messages[0] and f"vat_xi={xi}" in messages[0]
 
 
 def test_a_registered_method_is_built_from_its_flags(tmp_path, monkeypatch):

@@ -8,12 +8,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..embedding import mask_lookups, normalize_lookups, normalize_per_example
 from ..losses import DIVERGENCE_CHOICES, detach, find_logits, lookup_masks
 from .base import Regularizer, register_method
 
 __all__ = ["VAT", "normalize_lookups", "normalize_per_example"]
+
+logger = logging.get_logger(__name__)
+
+# A probe this large (in units of the embedding output: a BERT-family token has a norm of about 1, a 128-token
+# review about 12) makes a second power iteration start where the prediction has already moved, and the direction it
+# returns is no longer adversarial (benchmarks/vat_probe.py: on a trained IMDB MiniLM, LDS at epsilon 1 fell from
+# 0.73 after one iteration at xi 10 to 0.004 after two; at xi 1 from 0.51 to 0.40; at xi 0.1 it rose, 0.53 to 0.55).
+LARGE_PROBE = 1.0
 
 
 @register_method
@@ -38,8 +47,12 @@ class VAT(Regularizer):
         model (`nn.Module`): the model.
         epsilon (`float`, *optional*, defaults to `1.0`): L2 size of r_adv per example, in units of the embedding
             output.
-        xi (`float`, *optional*, defaults to `10.0`): size of d during power iteration.
-        iterations (`int`, *optional*, defaults to `1`): power iterations.
+        xi (`float`, *optional*, defaults to `10.0`): L2 size of d per example during power iteration, in units of the
+            embedding output. 10 (with one iteration) is the widely used PyTorch port's value: a large probe that on
+            MiniLM finds a more adversarial direction at epsilon 1 than a small one (`benchmarks/vat_probe.py`).
+        iterations (`int`, *optional*, defaults to `1`): power iterations. More than one needs a small `xi` (0.1 or
+            less on MiniLM): with `xi >= 1` the second iteration's direction is no longer adversarial, and a warning
+            says so.
         divergence (`str`, *optional*, defaults to `"auto"`): one of `auto`, `kl`, `bernoulli`, `mse`; `auto` reads
             the model's config or, without one, the labels (see `hf_adv.losses.resolve_divergence`).
 
@@ -76,6 +89,13 @@ class VAT(Regularizer):
         super().__init__(model, weight=weight, **kwargs)
         self.epsilon, self.xi, self.iterations, self.divergence = epsilon, xi, iterations, divergence
         self.resolved_divergence: str | None = None  # `divergence` resolved for the model at the first step
+        if iterations > 1 and xi >= LARGE_PROBE:
+            logger.warning(
+                f"VAT with vat_iterations={iterations} and vat_xi={xi}: power iteration needs a probe much smaller "
+                f"than the embedding output, and with vat_xi >= {LARGE_PROBE} the later iterations lose the "
+                "adversarial direction (benchmarks/vat_probe.py). Use vat_xi 0.1 or less with several iterations, "
+                "or keep vat_iterations=1 with the default vat_xi=10."
+            )
 
     @classmethod
     def args_kwargs(cls, args) -> dict:
