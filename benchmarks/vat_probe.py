@@ -81,7 +81,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "cosine": cosine,
             }
         )
-    norms = (model.get_input_embeddings()(enc.input_ids) * enc.attention_mask.unsqueeze(-1)).flatten(1).norm(dim=1)
+    with torch.no_grad():
+        output = model.get_input_embeddings()(enc.input_ids) * enc.attention_mask.unsqueeze(-1)
+    norms = output.flatten(1).norm(dim=1)
     return {
         "reference": {"xi": reference[0], "iterations": reference[1]},
         "embedding_norm_median": float(norms.median()),
