@@ -162,7 +162,7 @@ class AdversarialTrainingArguments(TrainingArguments):
     )
     vat_iterations: int = field(
         default=1,
-        metadata={"help": "VAT: number of power iterations; more than 1 needs a small vat_xi (0.1 or less): warned."},
+        metadata={"help": "VAT: number of power iterations; more than 1 needs vat_xi below 1 (warned)."},
     )
     vat_divergence: str = field(
         default="auto",

@@ -289,5 +289,7 @@ def test_vat_probe_compares_every_probe_size_and_iteration_count(tiny_model, dat
     assert result["reference"] == {"xi": 0.1, "iterations": 2}
     assert all(r["lds"] >= 0 and len(r["cosine"]) == 4 for r in rows.values())
     assert all(abs(c - 1) < 1e-5 for c in rows[(0.1, 2)]["cosine"])  # the reference against itself
+    norms = result["embedding_norms"]["imdb"]
+    assert norms["examples"] > 0 and 0 < norms["p05"] <= norms["median"] <= norms["p95"]
     saved = json.loads((tmp_path / "docs" / "benchmarks" / "vat_probe.json").read_text())
     assert saved["command"].startswith("python -m benchmarks.vat_probe --model")
