@@ -221,6 +221,23 @@ def command_line(module: str) -> str:
     return shlex.join(["python", "-m", module, *sys.argv[1:]])
 
 
+def record_measurement(
+    module: str, argv: list[str] | None, args, measure: Callable[[Any], dict[str, Any]], name: str
+) -> dict[str, Any]:
+    """Run a one-off measurement `measure(args)` on `args.threads` torch threads and save it, with the command that
+    made it (as typed, or `argv` when called from Python), the machine and every setting, to
+    `<args.output_dir>/benchmarks/<name>.json`; returns the saved record."""
+    torch.set_num_threads(args.threads)
+    result = {
+        "command": command_line(module) if argv is None else shlex.join(["python", "-m", module, *argv]),
+        "machine": machine_info(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **measure(args),
+    }
+    write_json(args.output_dir / "benchmarks" / f"{name}.json", result)
+    return result
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     """Median, quartiles, min and max of a sample."""
     ordered = sorted(values)

@@ -21,7 +21,6 @@ Writes `docs/benchmarks/fraction_gradients.json` (medians and every value).
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from transformers import AutoTokenizer
 
 from hf_adv.methods.fgm import example_directions
 
-from .common import DOCS, MINILM, ROOT, command_line, load_model, machine_info, resolve_model_path, write_json
+from .common import DOCS, MINILM, ROOT, load_model, record_measurement, resolve_model_path
 
 DATA = ROOT.parent / "shared" / "data"
 MODULE = "benchmarks.fraction_gradients"
@@ -118,16 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(
             f"{args.data_dir}/imdb/train.csv.gz is missing; see ../shared/data/README.md (or --data-dir)."
         )
-    torch.set_num_threads(args.threads)
-    result = {
-        "command": command_line(MODULE) if argv is None else shlex.join(["python", "-m", MODULE, *argv]),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        **measure(args),
-    }
-    out = args.output_dir / "benchmarks"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "fraction_gradients.json", result)
+    result = record_measurement(MODULE, argv, args, measure, "fraction_gradients")
     norm, cos = result["gradient_norm"], result["cosine_with_clean"]
     print(
         f"gradient norm (median): clean {norm['clean']['median']:.3f}, adversarial on all {args.batch_size} rows "

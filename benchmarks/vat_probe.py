@@ -24,7 +24,6 @@ Writes `docs/benchmarks/vat_probe.json`.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from transformers import AutoTokenizer
 from hf_adv.losses import divergence, lookup_masks
 from hf_adv.methods.vat import VAT
 
-from .common import DOCS, ROOT, command_line, load_model, machine_info, resolve_model_path, write_json
+from .common import DOCS, ROOT, load_model, record_measurement, resolve_model_path
 
 DATA = ROOT.parent / "shared" / "data"
 MODULE = "benchmarks.vat_probe"
@@ -139,16 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if not (args.data_dir / "imdb" / "test.csv.gz").is_file():
         raise SystemExit(f"{args.data_dir}/imdb/test.csv.gz is missing; see ../shared/data/README.md (or --data-dir).")
-    torch.set_num_threads(args.threads)
-    result = {
-        "command": command_line(MODULE) if argv is None else shlex.join(["python", "-m", MODULE, *argv]),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        **measure(args),
-    }
-    out = args.output_dir / "benchmarks"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "vat_probe.json", result)
+    result = record_measurement(MODULE, argv, args, measure, "vat_probe")
     for task, norms in result["embedding_norms"].items():
         print(
             f"{task}: embedding-output norm per example over real tokens, 5th / 50th / 95th percentile: "
